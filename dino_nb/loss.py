@@ -1,0 +1,107 @@
+"""The DINO loss: cross-entropy from a centred, sharpened teacher to the student."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class Loss(nn.Module):
+    r"""Self-distillation loss with centering and sharpening (DINO, Eq. 1-4).
+
+    For teacher view :math:`t` and student view :math:`s \ne t`,
+
+    .. math::
+        H(P_t, P_s) = -\sum_k P_t^{(k)} \log P_s^{(k)}, \quad
+        P_t = \operatorname{softmax}((g_t - c) / \tau_t), \quad
+        P_s = \operatorname{softmax}(g_s / \tau_s),
+
+    averaged over the batch and over all (teacher view, student view) pairs except the
+    same view. The teacher's output is centred by ``c``, an exponential moving average of
+    the teacher's mean logits (it stops one dimension from dominating), and sharpened by a
+    low temperature (it stops the output from going uniform); the paper shows that either
+    alone collapses.
+
+    Args:
+        out_dim: number of logits (the head's ``out_dim``).
+        teacher_temp: teacher temperature :math:`\tau_t`; a schedule may assign
+            ``loss.teacher_temp`` between steps.
+        student_temp: student temperature :math:`\tau_s`.
+        center_momentum: EMA rate ``m`` of the center, ``c <- m c + (1 - m) mean(g_t)``.
+            ``1.0`` keeps the center at zero, which turns centering off.
+
+    Attributes:
+        center: buffer of shape ``(1, out_dim)``; a buffer so that it moves with ``.to()``
+            and is saved in ``state_dict`` but is not trained by the optimizer.
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        teacher_temp: float = 0.04,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if teacher_temp <= 0 or student_temp <= 0:
+            raise ValueError(f"temperatures must be positive, got teacher {teacher_temp}, student {student_temp}")
+        if not 0 <= center_momentum <= 1:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_output: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Centred, sharpened teacher softmax per view, each ``(n_samples, out_dim)``, no grad."""
+        return [F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1) for t in teacher_output]
+
+    def forward(
+        self, student_output: Sequence[torch.Tensor], teacher_output: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Evaluate the loss and update the center.
+
+        Args:
+            student_output: ``n_crops`` logits of the student, each ``(n_samples, out_dim)``;
+                the first ones are the global crops, in the teacher's order.
+            teacher_output: logits of the teacher on the global crops, each
+                ``(n_samples, out_dim)``.
+
+        Returns:
+            scalar loss (float32, whatever the logits' dtype).
+        """
+        if len(student_output) < 2 or len(teacher_output) < 1:
+            raise ValueError(
+                f"need >= 2 student crops and >= 1 teacher crop, got {len(student_output)} and {len(teacher_output)}"
+            )
+        student_logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_output]
+        teacher_p = self.teacher_probs(teacher_output)
+
+        total = student_logp[0].new_zeros(())
+        n_terms = 0
+        for t_ix, t in enumerate(teacher_p):
+            for s_ix, s in enumerate(student_logp):
+                if t_ix == s_ix:
+                    continue  # same view: nothing to predict
+                total = total + torch.sum(-t * s, dim=-1).mean()
+                n_terms += 1
+        self.update_center(teacher_output)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Sequence[torch.Tensor]) -> None:
+        """EMA update of the center from the teacher's mean logits over all views and ranks."""
+        logits = torch.cat([t.float() for t in teacher_output])  # (n_views * n_samples, out_dim)
+        batch_center = logits.sum(dim=0, keepdim=True)  # (1, out_dim)
+        count = logits.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            count *= dist.get_world_size()
+        batch_center = batch_center / count
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
