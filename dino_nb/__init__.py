@@ -5,8 +5,10 @@ The building blocks keep the names of the tutorial this project grew from:
 ``compute_knn`` and ``compute_embedding``.
 """
 
+import importlib
+from typing import Any
+
 from .augment import DataAugmentation, denormalize, normalize_uint8
-from .evaluate import compute_embedding, compute_knn, extract_features, weighted_knn
 from .head import Head
 from .loss import Loss
 from .models import backbone_from_checkpoint, build_backbone, build_student_teacher
@@ -16,8 +18,23 @@ from .schedules import cosine_schedule, linear_warmup_schedule
 
 __version__ = "0.1.0"
 
+# The modules that are also command-line programs (``python -m dino_nb.evaluate``, ``.train``,
+# ``.data``) are imported on first use, so that running them does not import them twice.
+_LAZY = {name: "evaluate" for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")}
+_LAZY.update({name: "train" for name in ("TrainResult", "export_backbone")})
+_LAZY.update({name: "config" for name in ("TrainConfig", "preset")})
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``compute_knn``, ``train``, ... from their modules on first access."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DataAugmentation",
+    "TrainConfig",
+    "TrainResult",
     "Head",
     "Loss",
     "MultiCropWrapper",
@@ -32,5 +49,7 @@ __all__ = [
     "extract_features",
     "linear_warmup_schedule",
     "normalize_uint8",
+    "export_backbone",
+    "preset",
     "weighted_knn",
 ]

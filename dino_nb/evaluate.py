@@ -1,36 +1,136 @@
-"""What the features are worth: embeddings, kNN classification (the tutorial's sklearn
-classifier and the paper's weighted kNN)."""
+"""What the features are worth: embeddings, kNN both ways, a linear probe, the evaluation CLI.
+
+kNN both ways means the tutorial's sklearn classifier and the paper's weighted kNN.
+
+DINO (Caron et al. 2021, Sec. 4.1) judges frozen features two ways: a weighted
+k-nearest-neighbour classifier (Wu et al. 2018) with k in {10, 20, 100, 200}, and a
+linear classifier trained on top. The tutorial used sklearn's plain kNN; both are here,
+computed on the same features so their numbers can be compared.
+
+Command line::
+
+    python -m dino_nb.evaluate --checkpoint runs/<run>/best_model.pth --data builtin
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .augment import denormalize
 
+#: The paper's k sweep for the weighted kNN (Caron et al. 2021, App. B / Wu et al. 2018).
+PAPER_KS = (10, 20, 100, 200)
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """Mixed-precision dtype for inference: bf16 on GPUs that have it, else fp16; none on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def unwrap_backbone(model: nn.Module) -> nn.Module:
+    """The backbone of a :class:`~dino_nb.multicrop.MultiCropWrapper` (student or teacher), else ``model``."""
+    from .multicrop import MultiCropWrapper
+
+    return model.backbone if isinstance(model, MultiCropWrapper) else model
+
+
+def _dataset_fingerprint(data_loader: DataLoader) -> str:
+    """Size and (where known) file list of a loader's dataset, so a cache notices a new dataset."""
+    dataset = data_loader.dataset
+    h = hashlib.sha1(str(len(dataset)).encode())  # type: ignore[arg-type]
+    for path, label in getattr(dataset, "samples", []):
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()
+
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: nn.Module,
+    data_loader: DataLoader,
+    *,
+    autocast: bool = True,
+    cache_path: str | os.PathLike | None = None,
+    cache_key: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the backbone over a loader of ``(images, labels)`` batches.
+
+    Runs under ``torch.inference_mode`` in eval mode (the previous mode is restored), with
+    autocast on a GPU (bf16 where supported, else fp16; none on CPU). Pass the teacher's or
+    the student's backbone (``teacher.backbone``): the paper evaluates the teacher.
+
+    Features can be cached on disk so repeated evaluations of the same weights skip the
+    work (the training set is the expensive part). The cache is only as right as its key:
+    ``cache_key`` must change whenever the weights change (e.g. ``f"teacher-step{step}"``).
+    A file whose key, or whose dataset (size and file list), differs is recomputed and
+    overwritten.
+
+    Args:
+        backbone: maps ``(n, 3, H, W)`` images to ``(n, dim)`` embeddings (a
+            ``MultiCropWrapper`` is unwrapped to its backbone).
+        data_loader: plain (unaugmented) images with integer labels, not shuffled.
+        autocast: use mixed precision on a GPU.
+        cache_path: file to read the features from or write them to; ``None`` disables.
+        cache_key: identifies the weights the cached features come from; required with
+            ``cache_path``.
 
     Returns:
         ``(features (n_samples, dim) float32 on CPU, labels (n_samples,) int64)``.
     """
+    backbone = unwrap_backbone(backbone)
+    if cache_path is not None and not cache_key:
+        raise ValueError("cache_path needs a cache_key that changes with the weights (e.g. the training step)")
+    fingerprint = _dataset_fingerprint(data_loader) if cache_path is not None else ""
+    if cache_path is not None and Path(cache_path).is_file():
+        from .checkpoint import load
+
+        try:
+            cached = load(cache_path)
+        except RuntimeError:  # unreadable leftover: recompute and overwrite
+            cached = {}
+        if cached.get("key") == cache_key and cached.get("dataset") == fingerprint:
+            return cached["features"], cached["labels"]
+
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
+    dtype = autocast_dtype(device) if autocast else None
     feats, labels = [], []
     try:
-        for imgs, y in data_loader:
-            feats.append(backbone(imgs.to(device, non_blocking=True)).float().cpu())
-            labels.append(torch.as_tensor(y))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for imgs, y in data_loader:
+                feats.append(backbone(imgs.to(device, non_blocking=True)).float().cpu())  # (batch, dim)
+                labels.append(torch.as_tensor(y))
     finally:
         backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    features, targets = torch.cat(feats), torch.cat(labels).long()  # (n_samples, dim), (n_samples,)
+
+    if cache_path is not None:
+        from .checkpoint import save_atomic
+
+        save_atomic(
+            {"key": cache_key, "dataset": fingerprint, "features": features, "labels": targets}, cache_path
+        )
+    return features, targets
 
 
 def compute_knn(backbone: nn.Module, data_loader_train: DataLoader, data_loader_val: DataLoader) -> float:
@@ -54,22 +154,95 @@ def compute_embedding(backbone: nn.Module, data_loader: DataLoader) -> tuple[tor
     """Embeddings, images and class names of a (small) loader, for TensorBoard's projector.
 
     Returns:
-        ``embs (n_samples, dim)``, ``imgs (n_samples, 3, H, W)`` in [0, 1] (denormalised
-        correctly, unlike the tutorial), and the class name of each sample.
+        ``embs (n_samples, dim)`` float32 on CPU, ``imgs (n_samples, 3, H, W)`` in [0, 1]
+        (denormalised correctly, unlike the tutorial), and the class name of each sample.
     """
+    backbone = unwrap_backbone(backbone)
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
+    dtype = autocast_dtype(device)
     classes = data_loader.dataset.classes  # type: ignore[attr-defined]
     embs, imgs, labels = [], [], []
     try:
-        for img, y in data_loader:
-            embs.append(backbone(img.to(device)).float().cpu())
-            imgs.append(denormalize(img.cpu()))
-            labels.extend(classes[i] for i in torch.as_tensor(y).tolist())
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for img, y in data_loader:
+                embs.append(backbone(img.to(device)).float().cpu())
+                imgs.append(denormalize(img.cpu()))
+                labels.extend(classes[i] for i in torch.as_tensor(y).tolist())
     finally:
         backbone.train(was_training)
     return torch.cat(embs), torch.cat(imgs), labels
+
+
+def _check_pair(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"{name} features must be (n_samples, dim), got shape {tuple(features.shape)}")
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{name}: {features.shape[0]} feature rows but {labels.shape[0]} labels; they must match"
+        )
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} set is empty")
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    train_features: torch.Tensor, query_features: torch.Tensor, k: int = 5, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most cosine-similar training samples of each query.
+
+    Args:
+        train_features: ``(n_train, dim)``.
+        query_features: ``(n_query, dim)``.
+        k: neighbours per query (capped at ``n_train``).
+        chunk_size: queries per similarity matrix, to bound memory.
+
+    Returns:
+        ``(similarities (n_query, k), indices (n_query, k))``, most similar first.
+    """
+    k = min(k, train_features.shape[0])
+    train = F.normalize(train_features.float(), dim=1)  # (n_train, dim)
+    query = F.normalize(query_features.float(), dim=1)  # (n_query, dim)
+    sims, idx = [], []
+    for start in range(0, query.shape[0], chunk_size):
+        s, i = (query[start : start + chunk_size] @ train.T).topk(k, dim=1)  # (c, k)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+@torch.no_grad()
+def weighted_knn_votes(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class votes of the paper's weighted kNN: ``sum over the k neighbours of exp(cos / T)``.
+
+    Args:
+        train_features: ``(n_train, dim)``.
+        train_labels: ``(n_train,)`` integer classes.
+        query_features: ``(n_query, dim)``.
+        k: number of neighbours (capped at ``n_train``).
+        temperature: softness of the votes (0.07 in the paper).
+        num_classes: number of classes; default ``max(train_labels) + 1``.
+        chunk_size: queries per similarity matrix, to bound memory.
+
+    Returns:
+        ``(n_query, num_classes)`` votes; the prediction is the argmax.
+    """
+    train_labels = train_labels.long()
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    sims, idx = nearest_neighbours(train_features, query_features, k, chunk_size)  # (n_query, k)
+    votes = torch.zeros(query_features.shape[0], num_classes)
+    votes.scatter_add_(1, train_labels.cpu()[idx.cpu()], (sims.cpu() / temperature).exp())  # (n_query, num_classes)
+    return votes
 
 
 @torch.no_grad()
@@ -107,25 +280,16 @@ def weighted_knn(
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise ValueError("weighted_knn needs at least one training and one test sample")
     train_labels = train_labels.long()
-    test_labels = test_labels.long()
+    test_labels = test_labels.long().cpu()
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, train_features.shape[0])
-    train = F.normalize(train_features.float(), dim=1)  # (n_train, dim)
-    test = F.normalize(test_features.float(), dim=1)  # (n_test, dim)
-    top1 = top5 = 0
-    for start in range(0, test.shape[0], chunk_size):
-        q = test[start : start + chunk_size]  # (c, dim)
-        y = test_labels[start : start + chunk_size]
-        sim, idx = (q @ train.T).topk(k, dim=1)  # (c, k)
-        neighbour_labels = train_labels[idx]  # (c, k)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, neighbour_labels, (sim / temperature).exp())  # (c, num_classes)
-        ranked = votes.argsort(dim=1, descending=True)
-        top1 += (ranked[:, 0] == y).sum().item()
-        top5 += (ranked[:, : min(5, num_classes)] == y[:, None]).any(dim=1).sum().item()
-    n = test.shape[0]
-    return top1 / n, top5 / n
+    votes = weighted_knn_votes(
+        train_features, train_labels, test_features, k, temperature, num_classes, chunk_size
+    )  # (n_test, num_classes)
+    ranked = votes.argsort(dim=1, descending=True, stable=True)
+    top1 = (ranked[:, 0] == test_labels).float().mean().item()
+    top5 = (ranked[:, : min(5, num_classes)] == test_labels[:, None]).any(dim=1).float().mean().item()
+    return top1, top5
 
 
 def sklearn_knn_accuracy(
@@ -135,3 +299,271 @@ def sklearn_knn_accuracy(
     estimator = KNeighborsClassifier(n_neighbors=min(k, len(x_train)))
     estimator.fit(x_train.numpy(), y_train.numpy())
     return float(accuracy_score(y_val.numpy(), estimator.predict(x_val.numpy())))
+
+
+def sklearn_knn_topk(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, k: int = 5
+) -> tuple[float, float]:
+    """The tutorial's sklearn kNN (Euclidean, uniform votes) with top-1 and top-5 accuracy.
+
+    Top-5 ranks the classes by their share of the ``k`` neighbours (``predict_proba``);
+    top-1 is sklearn's ``predict``.
+
+    Returns:
+        ``(top1, top5)`` as fractions in [0, 1].
+    """
+    _check_pair(x_train, y_train, "train")
+    _check_pair(x_val, y_val, "val")
+    estimator = KNeighborsClassifier(n_neighbors=min(k, len(x_train)))
+    estimator.fit(x_train.float().numpy(), y_train.numpy())
+    xv, yv = x_val.float().numpy(), y_val.numpy()
+    top1 = float(accuracy_score(yv, estimator.predict(xv)))
+    proba = estimator.predict_proba(xv)  # (n_val, n_train_classes), columns = estimator.classes_
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :5]
+    top5_classes = estimator.classes_[order]  # (n_val, <=5)
+    top5 = float((top5_classes == yv[:, None]).any(axis=1).mean())
+    return top1, top5
+
+
+def knn_sweep(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    ks: Sequence[int] = PAPER_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Both kNN classifiers on the same features at each ``k``, top-1 and top-5.
+
+    Args:
+        train_features: ``(n_train, dim)``.
+        train_labels: ``(n_train,)``.
+        val_features: ``(n_val, dim)``.
+        val_labels: ``(n_val,)``.
+        ks: neighbour counts; each is capped at ``n_train`` (the key keeps the asked ``k``).
+        temperature: of the weighted kNN.
+        num_classes: number of classes; default ``max(label) + 1``.
+
+    Returns:
+        ``{"sklearn_k{k}_top1", "sklearn_k{k}_top5", "weighted_k{k}_top1",
+        "weighted_k{k}_top5"}`` for every ``k``, fractions in [0, 1].
+    """
+    _check_pair(train_features, train_labels, "train")
+    _check_pair(val_features, val_labels, "val")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive neighbour counts, got {tuple(ks)}")
+    results: dict[str, float] = {}
+    for k in ks:
+        s1, s5 = sklearn_knn_topk(train_features, train_labels, val_features, val_labels, k)
+        w1, w5 = weighted_knn(
+            train_features, train_labels, val_features, val_labels, k, temperature, num_classes
+        )
+        results.update(
+            {f"sklearn_k{k}_top1": s1, f"sklearn_k{k}_top5": s5, f"weighted_k{k}_top1": w1, f"weighted_k{k}_top5": w5}
+        )
+    return results
+
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> float:
+    """The paper's second metric, a linear classifier on frozen features (top-1).
+
+    The paper trains a linear layer with SGD on augmented images; this is the cheap
+    stand-in: multinomial logistic regression (sklearn, L-BFGS) on standardised features.
+
+    Args:
+        train_features: ``(n_train, dim)``.
+        train_labels: ``(n_train,)``; needs at least two classes.
+        val_features: ``(n_val, dim)``.
+        val_labels: ``(n_val,)``.
+        C: inverse L2 regularisation strength.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        validation top-1 accuracy in [0, 1].
+    """
+    _check_pair(train_features, train_labels, "train")
+    _check_pair(val_features, val_labels, "val")
+    if len(torch.unique(train_labels)) < 2:
+        raise ValueError("linear_probe needs training samples of at least two classes")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    probe.fit(train_features.float().numpy(), train_labels.numpy())
+    return float(accuracy_score(val_labels.numpy(), probe.predict(val_features.float().numpy())))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class _Images:
+    """Lazy ``[0, 1]`` images of a dataset of normalised tensors, indexable like a list."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return denormalize(self.dataset[int(i)][0])  # (3, H, W)
+
+
+def _pick_queries(labels: torch.Tensor, n: int) -> list[int]:
+    """The first sample of each class, then more in order, up to ``n`` indices."""
+    firsts = [int((labels == c).nonzero()[0]) for c in torch.unique(labels)]
+    rest = [i for i in range(len(labels)) if i not in set(firsts)]
+    return (firsts + rest)[:n]
+
+
+def _format_table(results: dict[str, float], ks: Sequence[int], probe: float | None) -> str:
+    lines = [f"{'metric':<24}{'k':>5}{'top-1':>9}{'top-5':>9}", "-" * 47]
+    for name, label in (("sklearn", "sklearn kNN (tutorial)"), ("weighted", "weighted kNN (paper)")):
+        for k in ks:
+            t1, t5 = results[f"{name}_k{k}_top1"], results[f"{name}_k{k}_top5"]
+            lines.append(f"{label:<24}{k:>5}{100 * t1:>8.1f}%{100 * t5:>8.1f}%")
+    if probe is not None:
+        lines.append(f"{'linear probe':<24}{'-':>5}{100 * probe:>8.1f}%{'-':>9}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dino_nb.evaluate",
+        description="Evaluate a DINO checkpoint: kNN both ways, linear probe, and figures "
+        "(embedding map, nearest neighbours, confusion matrix, self-attention maps).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pth or best_model.pth of a training run")
+    p.add_argument("--data", default="builtin", help="folder with train/ and val/, or 'builtin' (default)")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone (the paper uses the teacher)")
+    p.add_argument("--out", default=None, help="folder for the figures and metrics.json (default: <checkpoint folder>/eval)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader workers")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--ks", type=int, nargs="+", default=list(PAPER_KS), help="neighbour counts of the kNN sweep")
+    p.add_argument("--cache", action="store_true", help="cache the training features in <out>/train_features.pt")
+    p.add_argument("--no-figures", action="store_true", help="print the table only")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m dino_nb.evaluate``; returns the exit code."""
+    args = _parse_args(argv)
+    from .checkpoint import load
+    from .data import build_datasets, make_loader, plain_transform
+    from .models import backbone_from_checkpoint, is_vit
+
+    # set-up: every problem with the inputs is one clean line and exit code 2
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
+        ckpt_path = Path(args.checkpoint)
+        ckpt = load(ckpt_path)
+        if "config" not in ckpt or args.which not in ckpt:
+            raise ValueError(f"{ckpt_path} is not a dino_nb training checkpoint (needs 'config' and '{args.which}')")
+        config, step = ckpt["config"], ckpt.get("step")
+        del ckpt
+        size = int(config.get("global_size") or 224)
+        backbone = backbone_from_checkpoint(str(ckpt_path), args.which).to(device)
+        bundle = build_datasets(args.data, plain_transform(size), size)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out) if args.out else ckpt_path.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    train_loader = make_loader(
+        bundle.train_plain, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+    )
+    val_loader = make_loader(
+        bundle.val_plain, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+    )
+    stat = ckpt_path.stat()
+    key = f"{ckpt_path.resolve()}|{args.which}|step={step}|mtime_ns={stat.st_mtime_ns}|bytes={stat.st_size}|size={size}"
+    train_f, train_y = extract_features(
+        backbone, train_loader, cache_path=out / "train_features.pt" if args.cache else None, cache_key=key
+    )
+    val_f, val_y = extract_features(backbone, val_loader)
+    n_classes = len(bundle.classes)
+
+    results = knn_sweep(train_f, train_y, val_f, val_y, ks=args.ks, num_classes=n_classes)
+    probe = linear_probe(train_f, train_y, val_f, val_y) if len(torch.unique(train_y)) > 1 else None
+    print(f"checkpoint {ckpt_path} ({args.which}, step {step}), data {bundle.root}, {device}")
+    print(f"features: train {tuple(train_f.shape)}, val {tuple(val_f.shape)}, {n_classes} classes, {size}px")
+    print(_format_table(results, args.ks, probe))
+    metrics = {"checkpoint": str(ckpt_path), "which": args.which, "step": step, **results, "linear_probe_top1": probe}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    if not args.no_figures:
+        _write_figures(out, backbone, bundle, train_f, train_y, val_f, val_y, is_vit(backbone))
+        print(f"figures and metrics.json written to {out}")
+    else:
+        print(f"metrics.json written to {out}")
+    return 0
+
+
+def _write_figures(
+    out: Path,
+    backbone: nn.Module,
+    bundle: object,
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
+    vit: bool,
+) -> None:
+    """Embedding maps, neighbours, confusion matrix and attention grids as PNGs in ``out``."""
+    from . import viz
+    from .attention import cls_attention_maps
+
+    classes = bundle.classes  # type: ignore[attr-defined]
+    try:  # ImageNette's WordNet ids -> human names ("n01440764" -> "tench")
+        from .data import class_names
+
+        classes = class_names(classes)
+    except ImportError:
+        pass
+    val_images = _Images(bundle.val_plain)  # type: ignore[attr-defined]
+    train_images = _Images(bundle.train_plain)  # type: ignore[attr-defined]
+
+    def save(fig: object, name: str) -> None:
+        fig.savefig(out / name, dpi=100)  # type: ignore[attr-defined]
+
+    # the maps show at most 1000 validation points (t-SNE is slow), 60 with thumbnails
+    sub = torch.linspace(0, len(val_f) - 1, min(len(val_f), 1000)).round().long().unique()
+    thumb_pos = torch.linspace(0, len(sub) - 1, min(len(sub), 60)).round().long().unique().tolist()
+    thumbs = {pos: val_images[int(sub[pos])] for pos in thumb_pos}  # position in sub -> image
+    for method in ("pca", "tsne"):
+        fig = viz.embedding_map(val_f[sub], val_y[sub], class_names=classes, images=thumbs, method=method)
+        save(fig, f"embedding_{method}.png")
+
+    queries = _pick_queries(val_y, 6)
+    sims, idx = nearest_neighbours(train_f, val_f[queries], k=5)  # (n_queries, k)
+    fig = viz.neighbours_grid(
+        [val_images[q] for q in queries], val_y[queries], train_images, train_y, sims, idx, class_names=classes
+    )
+    save(fig, "neighbours.png")
+
+    votes = weighted_knn_votes(train_f, train_y, val_f, k=20, num_classes=len(classes))
+    fig = viz.confusion_matrix_figure(val_y, votes.argmax(dim=1), classes)
+    save(fig, "confusion_matrix.png")
+
+    if vit:
+        for n, q in enumerate(queries[:4]):
+            image = bundle.val_plain[q][0]  # type: ignore[attr-defined]
+            maps = cls_attention_maps(backbone, image[None])[0]  # (n_heads, grid_h, grid_w)
+            fig = viz.attention_grid(denormalize(image), maps, title=classes[int(val_y[q])])
+            save(fig, f"attention_{n}.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,8 @@
-"""Per-iteration schedules of the official DINO recipe (learning rate, weight decay,
-teacher momentum, teacher temperature)."""
+"""Per-iteration schedules of the official DINO recipe.
+
+Learning rate, weight decay and teacher momentum follow :func:`cosine_schedule`; the
+teacher temperature follows :func:`linear_warmup_schedule`.
+"""
 
 from __future__ import annotations
 

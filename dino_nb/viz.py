@@ -1,0 +1,577 @@
+"""Pictures for the notebooks and the evaluation CLI (matplotlib), and TensorBoard's projector.
+
+Every plotting function builds and returns a ``matplotlib.figure.Figure`` and never calls
+``plt.show``: a notebook shows the returned figure once (it is closed in pyplot, so the
+inline backend does not show it a second time), a script saves it with ``fig.savefig``.
+Images may be given as ``(3, H, W)`` tensors in [0, 1], ``(H, W, 3)`` arrays, or PIL images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .attention import threshold_mask, upsample
+from .augment import View, denormalize
+
+ImageLike = torch.Tensor | np.ndarray | Image.Image
+
+#: Panels of :func:`training_curves`, in order: (metrics.jsonl key, axis title).
+CURVES = (
+    ("loss", "DINO loss"),
+    ("lr", "learning rate"),
+    ("wd", "weight decay"),
+    ("momentum", "teacher momentum"),
+    ("teacher_temp", "teacher temperature"),
+    ("knn_top1", "kNN top-1"),
+)
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure, closed in pyplot so only the returned object displays it."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize)
+    plt.close(fig)
+    return fig
+
+
+def to_hwc(image: ImageLike) -> np.ndarray:
+    """Turn an image into an ``(H, W, 3)`` float array in [0, 1] for ``imshow``.
+
+    Args:
+        image: ``(3, H, W)`` tensor in [0, 1] (use :func:`~dino_nb.augment.denormalize` on
+            normalised tensors first), ``(H, W, 3)`` / ``(H, W)`` array (uint8 or float), or
+            a PIL image.
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3):
+            t = t.permute(1, 2, 0)  # (H, W, C)
+        array = t.numpy()
+    else:
+        array = np.asarray(image)
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"expected an RGB image, got an array of shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.clip(array, 0.0, 1.0)
+
+
+def class_colors(n_classes: int) -> np.ndarray:
+    """``(n_classes, 4)`` RGBA colours: tab10/tab20 when they suffice, else evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if n_classes <= 10:
+        return colormaps["tab10"](np.arange(n_classes))
+    if n_classes <= 20:
+        return colormaps["tab20"](np.arange(n_classes))
+    return colormaps["hsv"](np.linspace(0, 1, n_classes, endpoint=False))
+
+
+def project_2d(
+    embeddings: torch.Tensor | np.ndarray,
+    method: Literal["pca", "tsne"] = "pca",
+    seed: int = 0,
+    perplexity: float = 30.0,
+) -> np.ndarray:
+    """Project embeddings to 2-D with scikit-learn's PCA or t-SNE.
+
+    t-SNE needs ``perplexity < n_samples``; the perplexity is lowered to at most
+    ``(n_samples - 1) / 3`` for small sets. Above 50 dimensions, PCA to 50 comes first
+    (the usual speed-up; t-SNE on 384-d ViT-S features is slow otherwise). t-SNE costs
+    about a minute for a few thousand points on a CPU: subsample large sets.
+
+    Args:
+        embeddings: ``(n_samples, dim)`` with ``n_samples >= 2``.
+        method: ``"pca"`` or ``"tsne"``.
+        seed: random state of t-SNE.
+        perplexity: t-SNE perplexity (sklearn's default 30).
+
+    Returns:
+        ``(n_samples, 2)`` coordinates.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (n_samples >= 2, dim) embeddings, got shape {x.shape}")
+    if method == "pca":
+        if x.shape[1] < 2:
+            return np.concatenate([x, np.zeros_like(x)], axis=1)
+        return PCA(n_components=2).fit_transform(x)
+    if method == "tsne":
+        n = x.shape[0]
+        if x.shape[1] > 50 and n > 50:
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = float(min(perplexity, max(1.0, (n - 1) / 3)))
+        # exact gradients are cheaper than Barnes-Hut's set-up on small sets
+        tsne_method = "exact" if n <= 300 else "barnes_hut"
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=tsne_method)
+        return tsne.fit_transform(x)
+    raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+
+
+def _class_name(label: int, class_names: Sequence[str] | None) -> str:
+    return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+
+def embedding_map(
+    embeddings: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | Sequence[int],
+    class_names: Sequence[str] | None = None,
+    images: Sequence[ImageLike] | Mapping[int, ImageLike] | None = None,
+    method: Literal["pca", "tsne"] = "pca",
+    n_thumbnails: int = 60,
+    thumbnail_px: float = 24.0,
+    seed: int = 0,
+    perplexity: float = 30.0,
+) -> Figure:
+    """2-D map of the embeddings, coloured by class, with image thumbnails on some points.
+
+    Args:
+        embeddings: ``(n_samples, dim)``.
+        labels: ``(n_samples,)`` integer classes.
+        class_names: names for the legend.
+        images: thumbnails, either one per sample (a sequence of length ``n_samples``, of
+            which ``n_thumbnails`` evenly spaced ones are drawn) or a mapping
+            ``{sample index: image}``.
+        method: ``"pca"`` or ``"tsne"`` (see :func:`project_2d`).
+        n_thumbnails: at most this many thumbnails from a sequence.
+        thumbnail_px: thumbnail height in points.
+        seed: t-SNE random state.
+        perplexity: t-SNE perplexity (capped for small sets).
+
+    Returns:
+        a figure with one axis.
+    """
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    y = np.asarray(torch.as_tensor(labels).cpu()).astype(int)
+    xy = project_2d(embeddings, method, seed, perplexity)  # (n_samples, 2)
+    if len(y) != len(xy):
+        raise ValueError(f"{len(xy)} embeddings but {len(y)} labels")
+    n_classes = int(max(y.max() + 1, len(class_names) if class_names is not None else 0))
+    colors = class_colors(n_classes)
+    fig = _figure((8, 7))
+    ax = fig.subplots()
+    for c in np.unique(y):
+        sel = y == c
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=colors[c], label=_class_name(int(c), class_names), alpha=0.8)
+    if images is not None:
+        if isinstance(images, Mapping):
+            chosen = [(int(i), img) for i, img in images.items()]
+        else:
+            if len(images) != len(xy):
+                raise ValueError(f"{len(images)} images for {len(xy)} embeddings; pass one per sample or a dict")
+            idx = np.unique(np.linspace(0, len(images) - 1, min(n_thumbnails, len(images))).round().astype(int))
+            chosen = [(int(i), images[int(i)]) for i in idx]
+        for i, img in chosen:
+            arr = to_hwc(img)
+            box = OffsetImage(arr, zoom=thumbnail_px / arr.shape[0])
+            ab = AnnotationBbox(box, tuple(xy[i]), frameon=True, pad=0.1, bboxprops={"edgecolor": colors[y[i]], "linewidth": 1.5})
+            ax.add_artist(ab)
+    ax.set_title(f"embeddings ({method.upper() if method == 'pca' else 't-SNE'}), {len(y)} samples")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=1.5)
+    fig.tight_layout()
+    return fig
+
+
+def neighbours_grid(
+    query_images: Sequence[ImageLike],
+    query_labels: torch.Tensor | Sequence[int],
+    gallery_images: Sequence[ImageLike],
+    gallery_labels: torch.Tensor | Sequence[int],
+    similarities: torch.Tensor,
+    indices: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """Nearest-neighbour retrieval: each row is a query and its ``k`` nearest training images.
+
+    Titles give the class and the cosine similarity; a neighbour's title is green when its
+    class matches the query's, red otherwise.
+
+    Args:
+        query_images: ``n_query`` images.
+        query_labels: ``(n_query,)``.
+        gallery_images: indexable by the neighbour indices (e.g. all training images, or a
+            lazy wrapper that loads them).
+        gallery_labels: ``(n_gallery,)``.
+        similarities: ``(n_query, k)`` from :func:`~dino_nb.evaluate.nearest_neighbours`.
+        indices: ``(n_query, k)`` indices into the gallery.
+        class_names: names of the classes.
+
+    Returns:
+        a figure with ``n_query * (k + 1)`` axes.
+    """
+    n_query, k = indices.shape
+    if len(query_images) != n_query or similarities.shape != indices.shape:
+        raise ValueError(
+            f"{len(query_images)} query images, similarities {tuple(similarities.shape)}, "
+            f"indices {tuple(indices.shape)}: they must agree"
+        )
+    qy = [int(v) for v in torch.as_tensor(query_labels)]
+    gy = torch.as_tensor(gallery_labels)
+    fig = _figure((1.6 * (k + 1), 1.8 * n_query + 0.3))
+    axes = np.atleast_2d(fig.subplots(n_query, k + 1, squeeze=False))
+    for r in range(n_query):
+        ax = axes[r, 0]
+        ax.imshow(to_hwc(query_images[r]))
+        ax.set_title(f"query\n{_class_name(qy[r], class_names)}", fontsize=8, fontweight="bold")
+        for c in range(k):
+            j = int(indices[r, c])
+            label = int(gy[j])
+            ax = axes[r, c + 1]
+            ax.imshow(to_hwc(gallery_images[j]))
+            ax.set_title(
+                f"{_class_name(label, class_names)}\n{float(similarities[r, c]):.2f}",
+                fontsize=8,
+                color="tab:green" if label == qy[r] else "tab:red",
+            )
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_figure(
+    y_true: torch.Tensor | Sequence[int],
+    y_pred: torch.Tensor | Sequence[int],
+    class_names: Sequence[str] | None = None,
+    normalize: bool = True,
+) -> Figure:
+    """Confusion matrix (rows: true class, columns: predicted), with a colour bar.
+
+    Args:
+        y_true: ``(n_samples,)`` true classes.
+        y_pred: ``(n_samples,)`` predicted classes.
+        class_names: names for the ticks; their number sets the matrix size.
+        normalize: show each row as fractions of that class's samples.
+
+    Returns:
+        a figure with two axes (the matrix and its colour bar).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    t = np.asarray(torch.as_tensor(y_true).cpu()).astype(int)
+    p = np.asarray(torch.as_tensor(y_pred).cpu()).astype(int)
+    n = len(class_names) if class_names is not None else int(max(t.max(), p.max()) + 1)
+    cm = confusion_matrix(t, p, labels=list(range(n))).astype(float)  # (n, n)
+    if normalize:
+        cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    names = [_class_name(i, class_names) for i in range(n)]
+    side = max(4.0, 0.5 * n + 2)
+    fig = _figure((side + 1, side))
+    ax = fig.subplots()
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        threshold = cm.max() / 2 if cm.max() > 0 else 1
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    text = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if cm[i, j] > threshold else "black")
+    ax.set_title(f"confusion matrix ({'row-normalised' if normalize else 'counts'}), accuracy {np.mean(t == p):.1%}")
+    fig.tight_layout()
+    return fig
+
+
+def attention_grid(
+    image: ImageLike,
+    maps: torch.Tensor,
+    threshold: float | None = 0.6,
+    mode: Literal["nearest", "bilinear"] = "nearest",
+    title: str | None = None,
+    alpha: float = 0.6,
+) -> Figure:
+    """Self-attention of the CLS token, one column per head, over the image.
+
+    Top row: the image, then each head's map overlaid on it. Bottom row (when
+    ``threshold`` is given): the mean map over heads, then each head's thresholded mask
+    (the patches holding ``threshold`` of the mass, :func:`~dino_nb.attention.threshold_mask`),
+    with the rest of the image dimmed.
+
+    Args:
+        image: the input image in [0, 1] (denormalise first), ``(3, H, W)`` or PIL.
+        maps: ``(n_heads, grid_h, grid_w)`` from :func:`~dino_nb.attention.cls_attention_maps`.
+        threshold: fraction of attention mass the masks keep; ``None`` drops the bottom row.
+        mode: upsampling of the maps to the image size.
+        title: figure title (e.g. the class).
+        alpha: opacity of the attention overlay.
+
+    Returns:
+        a figure with ``2 * (n_heads + 1)`` axes (``n_heads + 1`` without masks).
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (n_heads, grid_h, grid_w), got shape {tuple(maps.shape)}")
+    img = to_hwc(image)  # (H, W, 3)
+    size = img.shape[:2]
+    n_heads = maps.shape[0]
+    up = upsample(maps, size, mode).numpy()  # (n_heads, H, W)
+    rows = 2 if threshold is not None else 1
+    fig = _figure((1.9 * (n_heads + 1), 2.0 * rows + 0.4))
+    axes = fig.subplots(rows, n_heads + 1, squeeze=False)
+    axes[0, 0].imshow(img)
+    axes[0, 0].set_title("image", fontsize=9)
+    for h in range(n_heads):
+        ax = axes[0, h + 1]
+        ax.imshow(img)
+        ax.imshow(up[h], cmap="inferno", alpha=alpha)
+        ax.set_title(f"head {h}", fontsize=9)
+    if threshold is not None:
+        ax = axes[1, 0]
+        ax.imshow(img)
+        ax.imshow(up.mean(axis=0), cmap="inferno", alpha=alpha)
+        ax.set_title("mean of heads", fontsize=9)
+        masks = upsample(threshold_mask(maps, threshold), size, "nearest").numpy()  # (n_heads, H, W)
+        for h in range(n_heads):
+            dimmed = img * (0.25 + 0.75 * masks[h][..., None])
+            axes[1, h + 1].imshow(dimmed)
+            axes[1, h + 1].set_title(f"head {h}: {threshold:.0%} mass", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (a file, a run folder holding one, or records already read).
+
+    Unparsable lines (e.g. a line cut short by a crash) are skipped.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"metrics file not found: {path}")
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+    return [dict(r) for r in source]
+
+
+def training_curves(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> Figure:
+    """Training curves from ``metrics.jsonl``: loss, schedules and kNN top-1 against the step.
+
+    A panel is drawn for each of :data:`CURVES` present in at least one record; records
+    without a key are skipped for that panel (kNN is logged on evaluation steps only).
+
+    Args:
+        source: path of ``metrics.jsonl``, a run folder, or a list of dicts.
+
+    Returns:
+        a figure with one axis per present metric (one axis saying so when none is).
+    """
+    records = read_metrics(source)
+    present = [(key, name) for key, name in CURVES if any(_is_number(r.get(key)) for r in records)]
+    if not present:
+        fig = _figure((4, 3))
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    ncols = min(3, len(present))
+    nrows = math.ceil(len(present) / ncols)
+    fig = _figure((4.2 * ncols, 3.0 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, (key, name) in zip(axes, present, strict=False):
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+        steps, values = zip(*pts, strict=True)
+        ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "knn_top1":
+            ax.set_ylim(0, 1)
+    for ax in axes[len(present) :]:
+        fig.delaxes(ax)
+    fig.tight_layout()
+    return fig
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def view_labels(views: Sequence[View]) -> list[str]:
+    """``"G1"``, ``"G2"`` for global views and ``"L1"``, ``"L2"``, ... for local ones, in order."""
+    counts = {"global": 0, "local": 0}
+    labels = []
+    for v in views:
+        counts[v.kind] = counts.get(v.kind, 0) + 1
+        labels.append(f"{'G' if v.kind == 'global' else 'L'}{counts[v.kind]}")
+    return labels
+
+
+def _view_flags(view: View) -> str:
+    flags = []
+    if view.flipped:
+        flags.append("flip")
+    if view.jitter is not None:
+        flags.append("jitter")
+    if view.grayscale:
+        flags.append("gray")
+    if view.blur_sigma is not None:
+        flags.append(f"blur {view.blur_sigma:.1f}")
+    if view.solarized:
+        flags.append("solarize")
+    return ", ".join(flags) or "no colour aug."
+
+
+def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
+    """The augmented views side by side, titled ``G1``/``L1``... with their size and augmentations.
+
+    Args:
+        views: from :meth:`~dino_nb.augment.DataAugmentation.views`.
+        ncols: columns of the grid; default all views in one row up to 6.
+
+    Returns:
+        a figure with one axis per view.
+    """
+    if not views:
+        raise ValueError("no views to show")
+    ncols = ncols or min(len(views), 6)
+    nrows = math.ceil(len(views) / ncols)
+    fig = _figure((2.2 * ncols, 2.7 * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, view, label in zip(axes, views, view_labels(views), strict=False):
+        ax.imshow(to_hwc(view.image))
+        ax.set_title(f"{label} ({view.image.width}px)\n{_view_flags(view)}", fontsize=8)
+        ax.axis("off")
+    for ax in axes[len(views) :]:
+        fig.delaxes(ax)
+    fig.tight_layout()
+    return fig
+
+
+def crop_boxes(image: ImageLike, views: Sequence[View]) -> Figure:
+    """The original image with each view's crop box drawn and labelled (``G1``, ``L1``...).
+
+    Global boxes are solid, local ones dashed.
+
+    Returns:
+        a figure with one axis.
+    """
+    from matplotlib.patches import Rectangle
+
+    img = to_hwc(image)
+    fig = _figure((6, 6 * img.shape[0] / img.shape[1] + 0.3))
+    ax = fig.subplots()
+    ax.imshow(img)
+    colors = class_colors(max(len(views), 1))
+    for view, label, color in zip(views, view_labels(views), colors, strict=False):
+        left, top, right, bottom = view.box
+        is_global = view.kind == "global"
+        ax.add_patch(
+            Rectangle(
+                (left, top),
+                right - left,
+                bottom - top,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.5 if is_global else 1.5,
+                linestyle="-" if is_global else "--",
+            )
+        )
+        ax.text(left + 2, top + 2, label, color="white", fontsize=9, va="top", bbox={"facecolor": color, "pad": 1, "edgecolor": "none"})
+    ax.set_title(f"{len(views)} crops on the original ({img.shape[1]}x{img.shape[0]})")
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def write_projector(
+    log_dir_or_writer: str | os.PathLike | Any,
+    embeddings: torch.Tensor,
+    images: torch.Tensor | None,
+    labels: Sequence[Any],
+    step: int = 0,
+    tag: str = "embedding",
+    images_normalized: bool = False,
+    thumbnail_size: int = 48,
+) -> None:
+    """Export embeddings to TensorBoard's projector, with labels and an image sprite.
+
+    The tutorial's ``add_embedding`` call, fixed: images are denormalised correctly
+    (:func:`~dino_nb.augment.denormalize`, when ``images_normalized``) and shrunk to
+    thumbnails so the sprite stays within the projector's 8192 x 8192 limit.
+
+    Args:
+        log_dir_or_writer: a ``SummaryWriter`` (left open, flushed) or a folder for a new
+            one (closed afterwards).
+        embeddings: ``(n_samples, dim)``.
+        images: ``(n_samples, 3, H, W)`` in [0, 1] (as :func:`~dino_nb.evaluate.compute_embedding`
+            returns them), ImageNet-normalised with ``images_normalized=True``, or ``None``.
+        labels: ``n_samples`` labels (class names or numbers).
+        step: training step, the projector's checkpoint name.
+        tag: name of the embedding in the projector.
+        images_normalized: whether ``images`` still carry the ImageNet normalisation.
+        thumbnail_size: largest side of a sprite thumbnail in pixels.
+    """
+    import torch.nn.functional as F
+
+    n = embeddings.shape[0]
+    if embeddings.ndim != 2 or len(labels) != n or (images is not None and images.shape[0] != n):
+        raise ValueError(
+            f"embeddings {tuple(embeddings.shape)}, {len(labels)} labels and "
+            f"{None if images is None else tuple(images.shape)} images must describe the same samples"
+        )
+    label_img = None
+    if images is not None:
+        label_img = images.detach().float().cpu()
+        if images_normalized:
+            label_img = denormalize(label_img)
+        side = min(thumbnail_size, 8192 // math.ceil(math.sqrt(n)))
+        if max(label_img.shape[-2:]) > side:
+            scale = side / max(label_img.shape[-2:])
+            new = (max(1, round(label_img.shape[-2] * scale)), max(1, round(label_img.shape[-1] * scale)))
+            label_img = F.interpolate(label_img, size=new, mode="bilinear", antialias=True, align_corners=False)
+        label_img = label_img.clamp(0, 1)
+    metadata = [str(x).replace("\t", " ").replace("\n", " ") for x in labels]
+
+    own = isinstance(log_dir_or_writer, (str, os.PathLike))
+    if own:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir_or_writer))
+    else:
+        writer = log_dir_or_writer
+    try:
+        writer.add_embedding(
+            embeddings.detach().float().cpu(), metadata=metadata, label_img=label_img, global_step=step, tag=tag
+        )
+        writer.flush()
+    finally:
+        if own:
+            writer.close()

@@ -1,0 +1,307 @@
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_data import MINI, WNIDS, make_folder, make_imagenette_like, write_image
+
+from dino_nb import data as D
+from dino_nb.augment import DataAugmentation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_aug(size: int = 32) -> DataAugmentation:
+    return DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, size=size, local_size=size // 2)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_labels_file_and_package_copy_are_identical():
+    assert (REPO / "data/imagenette_labels.json").read_bytes() == (REPO / "dino_nb/imagenette_labels.json").read_bytes()
+
+
+def test_labels_content():
+    labels = D.imagenette_labels()
+    assert tuple(sorted(labels)) == WNIDS
+    assert labels["n01440764"] == "tench"
+    assert labels["n02102040"] == "English springer"
+    assert labels["n03888257"] == "parachute"
+    labels["n01440764"] = "changed"  # a copy: the cache is not touched
+    assert D.imagenette_labels()["n01440764"] == "tench"
+    assert D.class_names(["n03445777", "disc"]) == ["golf ball", "disc"]
+
+
+# --------------------------------------------------------------------------- find_imagenette
+
+
+def test_find_kaggle_style_nested_folder(tmp_path):
+    root = make_imagenette_like(tmp_path / "input" / "imagenette" / "imagenette2-320" / "imagenette2-320")
+    assert D.find_imagenette(search_roots=[tmp_path / "input"]) == root
+    assert D.find_imagenette(tmp_path / "input") == root  # explicit path: nested search too
+    assert D.find_imagenette(root) == root
+
+
+def test_find_prefers_earlier_roots_and_320(tmp_path):
+    a = make_imagenette_like(tmp_path / "a" / "imagenette2-160")
+    b = make_imagenette_like(tmp_path / "b" / "imagenette2-160")
+    a320 = make_imagenette_like(tmp_path / "a" / "imagenette2-320")
+    assert D.find_imagenette(search_roots=[tmp_path / "missing", tmp_path / "a", tmp_path / "b"]) == a320
+    assert D.find_imagenette(search_roots=[tmp_path / "b", tmp_path / "a"]) == b
+    assert a.is_dir()
+
+
+def test_find_depth_is_bounded_and_hidden_folders_skipped(tmp_path):
+    make_imagenette_like(tmp_path / "1" / "2" / "3" / "4")
+    make_imagenette_like(tmp_path / ".imagenette2-320-extract-tmp")
+    with pytest.raises(FileNotFoundError) as info:
+        D.find_imagenette(search_roots=[tmp_path, tmp_path / "nope"], max_depth=3)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and f"{tmp_path / 'nope'} (missing)" in msg
+    assert "python -m dino_nb.data --download 320px" in msg
+    assert D.find_imagenette(search_roots=[tmp_path], max_depth=4) == tmp_path / "1" / "2" / "3" / "4"
+
+
+def test_find_needs_the_imagenette_class_ids(tmp_path):
+    make_folder(tmp_path / "other", classes=("cat", "dog"))
+    with pytest.raises(FileNotFoundError):
+        D.find_imagenette(tmp_path / "other")
+
+
+def test_explicit_path_is_authoritative(tmp_path, monkeypatch):
+    make_imagenette_like(tmp_path / "env" / "imagenette2-320")
+    monkeypatch.setenv("DINO_NB_DATA", str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError, match="wrong"):
+        D.find_imagenette(tmp_path / "wrong")
+
+
+def test_default_search_roots_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINO_NB_DATA", str(tmp_path / "env"))
+    roots = D.default_search_roots()
+    assert roots[0] == tmp_path / "env"
+    assert Path("/kaggle/input") in roots and Path("/content") in roots
+    assert roots.index(Path("/kaggle/input")) < roots.index(Path("/content"))
+    assert len(roots) == len(set(roots))
+    found = make_imagenette_like(tmp_path / "env" / "imagenette2-320")
+    assert D.find_imagenette() == found
+    assert D.resolve_data_root("imagenette") == found
+
+
+def test_data_imagenette_not_found_explains(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "default_search_roots", lambda: [tmp_path])
+    with pytest.raises(FileNotFoundError, match=r"--download 320px"):
+        D.build_datasets("imagenette", tiny_aug(), 32)
+
+
+def test_resolve_nested_path_and_errors(tmp_path):
+    root = make_imagenette_like(tmp_path / "dl" / "imagenette2-320")
+    assert D.resolve_data_root(tmp_path / "dl") == root
+    with pytest.raises(FileNotFoundError, match="not found"):
+        D.resolve_data_root(tmp_path / "nothing")
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no val subfolder"):
+        D.resolve_data_root(tmp_path / "half")
+
+
+def test_cli_find(tmp_path, capsys):
+    root = make_imagenette_like(tmp_path / "x" / "imagenette2-320")
+    assert D.main(["--find", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(root)
+    assert D.main(["--find", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ImageNette not found") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- odd and bad images
+
+
+def test_cmyk_grayscale_palette_and_tiny_images_load_as_rgb(tmp_path):
+    root = make_folder(tmp_path, classes=("a", "b"), n_train=1, n_val=1)
+    write_image(tmp_path / "train/a/cmyk.jpg", mode="CMYK")
+    write_image(tmp_path / "train/a/gray.png", mode="L", fmt="PNG")
+    write_image(tmp_path / "train/b/palette.png", mode="P", fmt="PNG")
+    write_image(tmp_path / "train/b/rgba.png", mode="RGBA", fmt="PNG")
+    write_image(tmp_path / "train/b/tiny.jpg", size=(5, 3))  # smaller than every crop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all for these
+        bundle = D.build_datasets(root, tiny_aug(32), 40)
+    assert len(bundle.train_plain) == 7 and bundle.unreadable == {}
+    for i in range(len(bundle.train_plain)):
+        x, _ = bundle.train_plain[i]
+        assert x.shape == (3, 40, 40) and torch.isfinite(x).all()
+        crops, _ = bundle.train_aug[i]
+        assert [c.shape for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    assert Path(bundle.train_plain.samples[0][0]).name == "0.jpg"
+    assert D.rgb_loader(str(tmp_path / "train/a/cmyk.jpg")).mode == "RGB"
+
+
+def _bad_folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = make_folder(tmp_path, classes=("a", "b"), n_train=2, n_val=1)
+    garbage = tmp_path / "train/a/garbage.jpg"
+    garbage.write_bytes(b"this is not an image")
+    truncated = write_image(tmp_path / "train/b/truncated.jpg", size=(200, 150))  # big enough to cut in the pixels
+    good = truncated.read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    png = write_image(tmp_path / "val/a/cut.png", fmt="PNG").read_bytes()
+    cut_png = tmp_path / "val/a/cut.png"
+    cut_png.write_bytes(png[: len(png) // 2])
+    return root, sorted(str(p) for p in (garbage, truncated, cut_png))
+
+
+def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
+    root, bad = _bad_folder(tmp_path)
+    with pytest.warns(D.DataWarning) as record:
+        bundle = D.build_datasets(root, tiny_aug(), 32)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "3 unreadable" in message and all(p in message for p in bad)
+    assert sorted(bundle.unreadable) == bad
+    kept = {p for p, _ in bundle.train_plain.samples} | {p for p, _ in bundle.val_plain.samples}
+    assert kept.isdisjoint(bad)
+    assert len(bundle.train_plain) == len(bundle.train_aug) == 4 and len(bundle.val_plain) == 2
+    assert bundle.train_plain.targets == [t for _, t in bundle.train_plain.samples]
+
+
+def test_unreadable_files_are_fatal_under_strict(tmp_path):
+    root, bad = _bad_folder(tmp_path)
+    with pytest.raises(ValueError, match="3 unreadable image.*strict") as info:
+        D.build_datasets(root, tiny_aug(), 32, strict=True)
+    assert all(p in str(info.value) for p in bad)
+
+
+def test_check_image_file_reasons(tmp_path):
+    root, bad = _bad_folder(tmp_path)
+    assert "truncated JPEG" in D.check_image_file(tmp_path / "train/b/truncated.jpg")
+    assert D.check_image_file(tmp_path / "train/a/garbage.jpg").startswith("UnidentifiedImageError")
+    assert D.check_image_file(tmp_path / "train/a/0.jpg") is None
+    many = [str(tmp_path / "train/a/0.jpg")] * 70 + bad  # the threaded path
+    assert sorted(D.find_unreadable(many)) == bad
+
+
+def test_unreadable_file_met_at_load_time(tmp_path):
+    root, _ = _bad_folder(tmp_path)
+    bundle = D.build_datasets(root, tiny_aug(), 32, scan=False)
+    ds = bundle.train_plain
+    i = [Path(p).name for p, _ in ds.samples].index("garbage.jpg")
+    with pytest.warns(D.DataWarning, match="garbage.jpg"):
+        x, y = ds[i]
+    assert x.shape == (3, 32, 32) and y == ds.samples[i + 1][1]  # the next sample stands in
+    strict = D.build_datasets(root, tiny_aug(), 32, strict=True, scan=False).train_plain
+    with pytest.raises(OSError, match="cannot read image .*garbage.jpg"):
+        strict[i]
+
+
+def test_class_with_only_unreadable_files(tmp_path):
+    root = make_folder(tmp_path, classes=("a", "b"), n_train=1, n_val=1)
+    (tmp_path / "train/b/0.jpg").write_bytes(b"junk")
+    with pytest.warns(D.DataWarning), pytest.raises(FileNotFoundError, match="no readable images left in class folder.*b"):
+        D.build_datasets(root, tiny_aug(), 32)
+
+
+# --------------------------------------------------------------------------- layout errors
+
+
+def test_mismatched_classes_one_error_naming_them(tmp_path):
+    make_folder(tmp_path, classes=("a", "b", "c"), n_train=1, n_val=0)
+    make_folder(tmp_path, classes=("a", "b", "d"), n_train=0, n_val=1)
+    with pytest.raises(ValueError, match=r"only in train \['c'\], only in val \['d'\]"):
+        D.build_datasets(tmp_path, tiny_aug(), 32)
+
+
+def test_empty_class_folder_one_clear_error(tmp_path):
+    make_folder(tmp_path, classes=("a", "b", "c"))
+    for c in ("b", "c"):
+        for f in (tmp_path / "train" / c).glob("*.jpg"):
+            f.unlink()
+    (tmp_path / "train/c/notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"train: 2 class folder\(s\) hold no images: b, c"):
+        D.build_datasets(tmp_path, tiny_aug(), 32)
+
+
+def test_no_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    write_image(tmp_path / "train/loose.jpg")
+    with pytest.raises(FileNotFoundError, match="holds no class folders"):
+        D.build_datasets(tmp_path, tiny_aug(), 32)
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    make_folder(tmp_path, classes=("a", "b"))
+    (tmp_path / "train/.ipynb_checkpoints").mkdir()
+    bundle = D.build_datasets(tmp_path, tiny_aug(), 32)
+    assert bundle.classes == ["a", "b"] and bundle.names == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_projector_subset_is_fixed_and_balanced(tmp_path):
+    make_folder(tmp_path, classes=("a", "b", "c"), n_train=1, n_val=5)
+    (tmp_path / "val/c/3.jpg").unlink()
+    (tmp_path / "val/c/4.jpg").unlink()
+    val = D.image_folder(tmp_path / "val", None)
+    sub = D.projector_subset(val, 3)
+    labels = [val.targets[i] for i in sub.indices]
+    assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sub.indices[:3] == [0, 2, 4]  # evenly spread over the class, ends included
+    assert D.projector_subset(val, 3).indices == sub.indices
+    assert len(D.projector_subset(val, 100)) == 5 + 5 + 3
+    with pytest.raises(ValueError, match="n_per_class"):
+        D.projector_subset(val, 0)
+
+
+def test_build_loaders_shapes_and_seeded_order(tmp_path):
+    make_folder(tmp_path, classes=("a", "b"), n_train=5, n_val=3)
+    bundle = D.build_datasets(tmp_path, tiny_aug(32), 24)
+    loaders = D.build_loaders(bundle, 4, eval_batch_size=5, projector_per_class=2, seed=1)
+    crops, y = next(iter(loaders.train))
+    assert [c.shape for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2 and y.shape == (4,)
+    assert len(loaders.train) == 2  # 10 images, batches of 4, last partial batch dropped
+    x, y = next(iter(loaders.val_plain))
+    assert x.shape == (5, 3, 24, 24)
+    assert y.tolist() == [0, 0, 0, 1, 1]  # file order
+    assert len(loaders.projector.dataset) == 4
+    assert len(loaders.train_plain.dataset) == 10
+
+    def order(seed):
+        lo = D.build_loaders(bundle, 4, seed=seed).train
+        return list(iter(lo.batch_sampler))
+
+    assert order(1) == order(1)
+    with pytest.raises(ValueError, match="batch_size"):
+        D.build_loaders(bundle, 0)
+
+
+def test_collate_crops():
+    batch = [([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1), ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 0)]
+    crops, labels = D.collate_crops(batch)
+    assert crops[0].shape == (2, 3, 4, 4) and crops[1].shape == (2, 3, 2, 2)
+    assert crops[0][1].sum() == 48 and labels.tolist() == [1, 0]
+
+
+def test_builtin_still_resolves(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINO_NB_DATA", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(D, "ensure_builtin_dataset", lambda: calls.append(1) or tmp_path)
+    assert D.resolve_data_root(None) == tmp_path and D.resolve_data_root("builtin") == tmp_path
+    assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- the real photos
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason=f"{MINI} not present (a fresh clone has no ../shared)")
+def test_imagenette_mini_through_the_real_path():
+    root = D.find_imagenette(MINI)
+    assert root == MINI and D.is_imagenette_root(root)
+    bundle = D.build_datasets(root, tiny_aug(64), 48)
+    assert bundle.classes == list(WNIDS) and bundle.names[0] == "tench" and bundle.unreadable == {}
+    loaders = D.build_loaders(bundle, 8, projector_per_class=2)
+    crops, y = next(iter(loaders.train))
+    assert crops[0].shape == (8, 3, 64, 64) and crops[-1].shape == (8, 3, 32, 32)
+    for lo in (loaders.train_plain, loaders.val_plain, loaders.projector):
+        x, y = next(iter(lo))
+        assert x.shape == (8, 3, 48, 48) and torch.isfinite(x).all()
+    assert len(loaders.projector.dataset) == 20

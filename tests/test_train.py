@@ -1,0 +1,285 @@
+"""The training engine end to end, on a tiny ViT and a tiny generated dataset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from dino_nb import checkpoint as ckpt_io
+from dino_nb.config import preset
+from dino_nb.loss import Loss
+from dino_nb.synthetic import generate
+from dino_nb.train import NonFiniteLossError, export_backbone, resolve_precision, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(
+    model="vit_tiny_patch16_224",
+    model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2},
+    global_size=32,
+    local_size=16,
+    n_local_crops=2,
+    batch_size=8,
+    out_dim=64,
+    hidden_dim=32,
+    bottleneck_dim=16,
+    epochs=2,
+    warmup_epochs=1,
+    eval_every=1000,
+    eval_train_subset=40,
+    log_every=1,
+    save_every=1000,
+    num_workers=0,
+    progress=False,
+    projector_size=0,
+    drop_path_rate=0.1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, n_train=4, n_val=2)  # 40 train, 20 val images: 5 steps per epoch at batch 8
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    return preset("cpu", data=str(data), out=str(out), **{**TINY, **overrides})
+
+
+def losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_train_writes_run_folder_and_learns_shapes(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", projector_size=20)
+    result = train(cfg)
+    assert result.steps == 10 and not result.interrupted
+    assert [s for s, _ in result.knn_history] == [0, 10]  # evaluated at the start and the end
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_lines = [r for r in records if "loss" in r]
+    assert [r["step"] for r in step_lines] == list(range(1, 11))
+    for key in ("lr", "wd", "momentum", "teacher_temp", "epoch", "images_per_s"):
+        assert key in step_lines[0]
+    eval_lines = [r for r in records if "knn_top1" in r]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in eval_lines)
+    # schedules: lr warms up over the first epoch, weight decay grows, momentum grows
+    lr = [r["lr"] for r in step_lines]
+    assert lr[0] < lr[4]
+    assert step_lines[0]["wd"] < step_lines[-1]["wd"]
+    assert step_lines[0]["momentum"] < step_lines[-1]["momentum"]
+    state = ckpt_io.load(result.checkpoint)
+    assert state["step"] == 10 and set(state) >= {
+        "student", "teacher", "optimizer", "scaler", "loss", "step", "epoch", "config", "rng"
+    }
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "00010" / "embedding" / "projector_config.pbtxt").exists() or list(
+        (tmp_path / "run").rglob("projector_config.pbtxt")
+    )
+
+
+def test_teacher_is_ema_of_student_and_never_optimised(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path / "run", max_steps=3))
+    state = ckpt_io.load(result.checkpoint)
+    teacher_params = [k for k, v in state["optimizer"]["state"].items()]
+    # the optimizer holds state for student parameters only
+    n_student_trainable = sum(1 for k in state["student"] if "original0" not in k) 
+    assert len(teacher_params) <= n_student_trainable
+    # the teacher moved towards the student but is not equal to it
+    moved = [k for k in state["teacher"] if k.startswith("backbone.") and not torch.equal(state["teacher"][k], state["student"][k])]
+    assert moved
+
+
+def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
+    straight = train(tiny_config(tiny_data, tmp_path / "straight"))  # 10 steps, across an epoch boundary
+    first = train(tiny_config(tiny_data, tmp_path / "split", max_steps=3))
+    assert first.steps == 3
+    second = train(tiny_config(tiny_data, tmp_path / "split"))  # resumes from split/checkpoint.pth
+    assert second.steps == 10
+    a, b = ckpt_io.load(straight.checkpoint), ckpt_io.load(second.checkpoint)
+    for which in ("student", "teacher"):
+        for key in a[which]:
+            assert torch.equal(a[which][key], b[which][key]), f"{which} {key} differs after resume"
+    assert torch.equal(a["loss"]["center"], b["loss"]["center"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_resume_refuses_other_architecture(tiny_data: Path, tmp_path: Path) -> None:
+    train(tiny_config(tiny_data, tmp_path / "run", max_steps=1))
+    with pytest.raises(ValueError, match="out_dim"):
+        train(tiny_config(tiny_data, tmp_path / "run", out_dim=32))
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", save_every=2)
+    calls = {"n": 0}
+    original = Loss.forward
+
+    def poisoned(self, student_output, teacher_output):
+        calls["n"] += 1
+        loss = original(self, student_output, teacher_output)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(Loss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*--base-lr.*fp32"):
+        train(cfg)
+    state = ckpt_io.load(tmp_path / "run" / ckpt_io.LAST)
+    assert state["step"] == 2  # the last good checkpoint, not the poisoned step
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_checkpoint_and_returns(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    calls = {"n": 0}
+    original = Loss.forward
+
+    def kill_at_step_3(self, student_output, teacher_output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Kaggle and Colab send
+        return original(self, student_output, teacher_output)
+
+    monkeypatch.setattr(Loss, "forward", kill_at_step_3)
+    result = train(cfg)
+    assert result.interrupted and result.steps == 3
+    assert ckpt_io.load(result.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_export_backbone_round_trip(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path / "run", max_steps=2))
+    path = export_backbone(result.checkpoint, tmp_path / "backbone.pth")
+    state = torch.load(path, weights_only=True)
+    model = timm.create_model(TINY["model"], num_classes=0, **TINY["model_kwargs"])
+    missing, unexpected = model.load_state_dict(state)
+    assert not missing and not unexpected
+    teacher = ckpt_io.load(result.checkpoint)["teacher"]
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_best_model_holds_state_dicts(tiny_data: Path, tmp_path: Path) -> None:
+    train(tiny_config(tiny_data, tmp_path / "run", eval_every=5))
+    best = tmp_path / "run" / ckpt_io.BEST
+    if best.exists():  # only written when kNN improved over step 0
+        state = ckpt_io.load(best)
+        assert isinstance(state["teacher"], dict) and 0 <= state["knn_top1"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"warmup_epochs": 5}, "warmup_epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16 needs a GPU"),
+        ({"resume": "/nonexistent/ckpt.pth"}, "checkpoint not found"),
+        ({"batch_size": 64}, "fewer than one global batch"),
+    ],
+)
+def test_contradictory_options_refused_before_work(tiny_data: Path, tmp_path: Path, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(tiny_data, tmp_path / "run", **overrides))
+
+
+def test_precision_resolution_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_precision("fp16", cpu)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dino_nb.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def write_tiny_config(path: Path, **overrides) -> Path:
+    path.write_text(json.dumps({**TINY, **overrides}))
+    return path
+
+
+def test_cli_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    config = write_tiny_config(tmp_path / "tiny.json")
+    out = tmp_path / "run"
+    proc = run_cli("--preset", "cpu", "--config", str(config), "--data", str(tiny_data), "--out", str(out),
+                   "--max-steps", "3", "-b", "8", "--momentum-teacher", "0.995", "-c", "4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "done: 3 steps" in proc.stdout
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["momentum_teacher"] == 0.995 and saved["n_local_crops"] == 2
+
+
+def test_cli_print_config_uses_preset_and_options() -> None:
+    proc = run_cli("--preset", "imagenette", "--print-config", "-o", "4096", "--teacher-temp", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["out_dim"] == 4096 and cfg["teacher_temp"] == 0.05 and cfg["model"] == "vit_small_patch16_224"
+
+
+def test_cli_bad_option_value_is_one_clear_error() -> None:
+    proc = run_cli("--momentum-teacher", "high")
+    assert proc.returncode == 2
+    assert "--momentum-teacher: invalid float value: 'high'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_data_is_one_clear_error(tmp_path: Path) -> None:
+    proc = run_cli("--preset", "cpu", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    """2 processes x batch 4 follow the same loss curve as 1 process x batch 8."""
+    config = write_tiny_config(tmp_path / "tiny.json", drop_path_rate=0.0)
+    common = ["--preset", "cpu", "--config", str(config), "--data", str(tiny_data), "--max-steps", "4", "--no-progress"]
+    single = run_cli(*common, "--out", str(tmp_path / "one"), "-b", "8")
+    assert single.returncode == 0, single.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "dino_nb.train", *common, "--out", str(tmp_path / "two"), "-b", "4"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    # rank 0 alone wrote the run folder: one metrics file, one checkpoint
+    assert ckpt_io.load(tmp_path / "two" / ckpt_io.LAST)["step"] == 4

@@ -1,0 +1,144 @@
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dino_nb import viz
+from dino_nb.augment import DataAugmentation
+
+
+def render(fig, n_axes):
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == n_axes
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=40)
+    assert buf.getvalue()[:4] == b"\x89PNG"
+
+
+@pytest.fixture
+def feats():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(8)
+    x = torch.randn(3, 60, generator=g)[y] * 3 + torch.randn(24, 60, generator=g)
+    imgs = torch.rand(24, 3, 16, 16, generator=g)
+    return x, y, imgs
+
+
+def test_to_hwc_accepts_tensor_array_pil():
+    t = torch.rand(3, 5, 7)
+    assert viz.to_hwc(t).shape == (5, 7, 3)
+    assert viz.to_hwc(np.zeros((5, 7, 3), dtype=np.uint8)).max() == 0
+    assert viz.to_hwc(Image.new("L", (7, 5), 255)).shape == (5, 7, 3)
+    with pytest.raises(ValueError):
+        viz.to_hwc(np.zeros((2, 5, 7, 3)))
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_embedding_map(feats, method):
+    x, y, imgs = feats
+    render(viz.embedding_map(x, y, ["a", "b", "c"], images=imgs, method=method, n_thumbnails=5), 1)
+
+
+def test_project_2d_small_sets_and_errors():
+    x = torch.randn(5, 4)
+    assert viz.project_2d(x, "tsne", perplexity=30).shape == (5, 2)  # perplexity capped below n
+    with pytest.raises(ValueError):
+        viz.project_2d(x, "umap")
+    with pytest.raises(ValueError):
+        viz.project_2d(x[:1], "pca")
+
+
+def test_neighbours_grid(feats):
+    from dino_nb.evaluate import nearest_neighbours
+
+    x, y, imgs = feats
+    sims, idx = nearest_neighbours(x, x[:2], k=3)
+    render(viz.neighbours_grid(list(imgs[:2]), y[:2], imgs, y, sims, idx, ["a", "b", "c"]), 2 * 4)
+    with pytest.raises(ValueError):
+        viz.neighbours_grid(list(imgs[:1]), y[:2], imgs, y, sims, idx)
+
+
+def test_confusion_matrix():
+    fig = viz.confusion_matrix_figure([0, 1, 2, 2], [0, 2, 2, 2], ["a", "b", "c", "d"])
+    render(fig, 2)  # matrix + colour bar
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (4, 4)
+    assert image[2, 2] == 1.0 and image[1, 2] == 1.0 and image[1, 1] == 0.0
+
+
+def test_attention_grid():
+    maps = torch.rand(3, 4, 4)
+    render(viz.attention_grid(torch.rand(3, 32, 32), maps, title="x"), 2 * 4)
+    render(viz.attention_grid(Image.new("RGB", (32, 32)), maps, threshold=None, mode="bilinear"), 4)
+
+
+def test_training_curves(tmp_path):
+    lines = [
+        {"step": 0, "epoch": 0, "loss": 5.0, "lr": 0.0, "momentum": 0.996, "knn_top1": 0.1},
+        {"step": 1, "epoch": 0, "loss": 4.0, "lr": 1e-4, "momentum": 0.997},
+        {"step": 2, "epoch": 0, "loss": 3.5, "lr": 2e-4, "momentum": 0.998, "knn_top1": 0.3},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 3, "lo')  # cut short
+    render(viz.training_curves(path), 4)  # loss, lr, momentum, knn_top1; wd/teacher_temp absent
+    render(viz.training_curves(tmp_path), 4)  # a run folder
+    render(viz.training_curves([{"step": 0}]), 1)  # nothing to plot yet
+    with pytest.raises(FileNotFoundError):
+        viz.training_curves(tmp_path / "missing.jsonl")
+
+
+def test_crop_grid_and_boxes():
+    torch.manual_seed(0)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    views = DataAugmentation(n_local_crops=3, size=32, local_size=16).views(img)
+    assert viz.view_labels(views) == ["G1", "G2", "L1", "L2", "L3"]
+    render(viz.crop_grid(views), 5)
+    render(viz.crop_grid(views, ncols=2), 5)
+    fig = viz.crop_boxes(img, views)
+    render(fig, 1)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 5
+    assert [t.get_text() for t in ax.texts] == ["G1", "G2", "L1", "L2", "L3"]
+    left, top, right, bottom = views[2].box
+    rect = ax.patches[2]
+    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (left, top, right - left, bottom - top)
+
+
+def test_write_projector(tmp_path):
+    embs = torch.randn(6, 5)
+    imgs = torch.rand(6, 3, 64, 64)
+    labels = ["cat", "dog", "cat", "fish", "dog", "cat"]
+    viz.write_projector(tmp_path, embs, imgs, labels, step=3, tag="val")
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    assert "val:00003" in config and "sprite" in config
+    folder = tmp_path / "00003" / "val"
+    tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert np.allclose(tensors, embs.numpy(), atol=1e-4)
+    assert (folder / "metadata.tsv").read_text().split() == labels
+    sprite = Image.open(folder / "sprite.png")
+    assert sprite.size[0] <= 3 * 48 and sprite.size[0] == sprite.size[1]
+
+
+def test_write_projector_with_writer_denormalizes(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dino_nb.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    # a normalised black image must come out black in the sprite, not grey
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    black = ((torch.zeros(2, 3, 8, 8) - mean) / std)
+    with SummaryWriter(str(tmp_path)) as writer:
+        viz.write_projector(writer, torch.randn(2, 4), black, [0, 1], step=0, images_normalized=True)
+    sprite = np.asarray(Image.open(tmp_path / "00000" / "embedding" / "sprite.png").convert("RGB"))
+    assert sprite[:8, :8].max() == 0
+    with pytest.raises(ValueError):
+        viz.write_projector(tmp_path, torch.randn(2, 4), None, ["a"])
