@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.04  # paper: cosine 0.04 -> 0.4
     weight_decay_end: float = 0.4  # paper (tutorial: constant 0.4)
     momentum_teacher: float = 0.996  # paper: cosine 0.996 -> 1 (tutorial: constant 0.9995)
+    momentum_teacher_end: float = 1.0  # paper: the teacher freezes at the end of the schedule
     warmup_teacher_temp: float = 0.04  # paper: teacher temperature at the start
     teacher_temp: float = 0.07  # paper's longer recipe: 0.04 -> 0.07
     warmup_teacher_temp_epochs: int = 30  # paper's longer recipe
@@ -112,13 +113,17 @@ class TrainConfig:
 
 #: Overrides of the defaults per preset. ``imagenette`` is the defaults themselves.
 PRESETS: dict[str, dict[str, Any]] = {
-    # the built-in main job: a 4-block ViT-Tiny on 48-pixel shapes, about 2 minutes on 2 CPU cores
+    # The built-in main job: a 4-block ViT (width 128, 8x8 patches) on the 48-pixel built-in
+    # shapes, about 2 minutes on 2 CPU cores. Where it departs from the paper, it is because
+    # 370 steps are not 300 epochs: a short warmup, a higher base lr, a teacher momentum that
+    # stays at 0.99 (with the paper's cosine to 1 the teacher freezes while the student is
+    # still improving fast, and ends far behind it), and a smaller head.
     "cpu": dict(
         data="builtin",
         model="vit_tiny_patch16_224",
-        model_kwargs={"img_size": 48, "patch_size": 8, "depth": 4},
+        model_kwargs={"img_size": 48, "patch_size": 8, "depth": 4, "embed_dim": 128, "num_heads": 4},
         drop_path_rate=0.0,
-        out_dim=1024,
+        out_dim=256,
         hidden_dim=512,
         norm_last_layer=False,
         global_size=48,
@@ -126,14 +131,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_local_crops=4,
         local_crops_scale=(0.1, 0.4),
         batch_size=32,
-        epochs=4,
+        epochs=12,
         base_lr=5e-3,
-        warmup_epochs=1,
+        warmup_epochs=2,
         momentum_teacher=0.99,
+        momentum_teacher_end=0.99,
         teacher_temp=0.04,
         warmup_teacher_temp_epochs=0,
-        clip_grad=3.0,
-        eval_every=40,
+        eval_every=100,
         eval_train_subset=1000,
         projector_size=100,
         save_every=100,

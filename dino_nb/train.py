@@ -138,8 +138,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(
             f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) exceeds epochs ({cfg.epochs})"
         )
-    if not 0 <= cfg.momentum_teacher <= 1:
-        problems.append(f"momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
+    for name in ("momentum_teacher", "momentum_teacher_end"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("teacher_temp", "warmup_teacher_temp", "student_temp", "base_lr"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -373,7 +374,7 @@ def _train(cfg: TrainConfig, info: DistInfo, start_time: float) -> TrainResult:
         cfg.base_lr * global_batch / 256, cfg.min_lr, cfg.epochs, niter_per_ep, cfg.warmup_epochs
     )
     wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep)
-    momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, niter_per_ep)
+    momentum_schedule = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, niter_per_ep)
     temp_schedule = linear_warmup_schedule(
         cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.epochs, niter_per_ep, cfg.warmup_teacher_temp_epochs
     )
@@ -676,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, help=f"per-process batch size (default {d.batch_size})")
     p.add_argument("-d", "--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("-l", "--logging-freq", type=int, dest="eval_every", help="steps between kNN evaluations")
-    p.add_argument("--momentum-teacher", type=float, help="teacher EMA momentum at the start (cosine to 1)")
+    p.add_argument("--momentum-teacher", type=float, help="teacher EMA momentum at the start")
+    p.add_argument("--momentum-teacher-end", type=float, help="teacher EMA momentum at the end (cosine)")
     p.add_argument("-c", "--n-crops", type=int, help="crops per image, 2 global + the rest local")
     p.add_argument("-e", "--n-epochs", type=int, dest="epochs")
     p.add_argument("-o", "--out-dim", type=int, help="head output dimension K")
