@@ -43,6 +43,8 @@ TINY = dict(
     progress=False,
     projector_size=0,
     drop_path_rate=0.1,
+    momentum_teacher=0.996,  # the paper's schedule, cosine to 1
+    momentum_teacher_end=1.0,
 )
 
 
