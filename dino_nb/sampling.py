@@ -35,6 +35,10 @@ class TrainSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, n_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size <= 0 or world_size <= 0:
+            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.n_samples = n_samples
         self.batch_size = batch_size
         self.seed = seed

@@ -64,6 +64,9 @@ def linear_warmup_schedule(
     if epochs <= 0 or niter_per_ep <= 0:
         raise ValueError(f"epochs and niter_per_ep must be positive, got {epochs} and {niter_per_ep}")
     total = epochs * niter_per_ep
-    warmup_iters = min(int(round(warmup_epochs * niter_per_ep)), total)
-    ramp = np.linspace(warmup_value, final_value, warmup_iters)
-    return np.concatenate((ramp, np.full(total - warmup_iters, float(final_value))))
+    warmup_iters = int(round(warmup_epochs * niter_per_ep))
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    # a warmup longer than the run is cut off where the run ends, not squeezed into it
+    ramp = np.linspace(warmup_value, final_value, warmup_iters)[:total]
+    return np.concatenate((ramp, np.full(total - len(ramp), float(final_value))))

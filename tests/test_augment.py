@@ -21,14 +21,25 @@ MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def random_image(width: int = 40, height: int = 30, seed: int = 0, mode: str = "RGB") -> Image.Image:
+def random_image(
+    width: int = 40, height: int = 30, seed: int = 0, mode: str = "RGB"
+) -> Image.Image:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     return img if mode == "RGB" else img.convert(mode)
 
 
-def aug(n_local: int = 3, size: int = 16, local_size: int | None = 8, normalize: bool = True) -> DataAugmentation:
-    return DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=n_local, size=size, local_size=local_size, normalize=normalize)
+def aug(
+    n_local: int = 3, size: int = 16, local_size: int | None = 8, normalize: bool = True
+) -> DataAugmentation:
+    return DataAugmentation(
+        (0.4, 1.0),
+        (0.05, 0.4),
+        n_local_crops=n_local,
+        size=size,
+        local_size=local_size,
+        normalize=normalize,
+    )
 
 
 # --------------------------------------------------------------------------- count and sizes
@@ -85,10 +96,15 @@ def test_normalize_uint8_matches_the_formula_and_denormalize_inverts_it():
     expected = (x.double() / 255 - MEAN.double()) / STD.double()
     torch.testing.assert_close(normalize_uint8(x).double(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(denormalize(normalize_uint8(x)), x.float() / 255, atol=1e-6, rtol=0)
-    torch.testing.assert_close(denormalize(normalize_uint8(x[0])), x[0].float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        denormalize(normalize_uint8(x[0])), x[0].float() / 255, atol=1e-6, rtol=0
+    )
     assert x.dtype == torch.uint8  # input untouched
     extreme = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2).expand(3, 1, 2)
-    torch.testing.assert_close(denormalize(normalize_uint8(extreme) * 2), torch.tensor([0.0, 1.0]).view(1, 1, 2).expand(3, 1, 2))
+    torch.testing.assert_close(
+        denormalize(normalize_uint8(extreme) * 2),
+        torch.tensor([0.0, 1.0]).view(1, 1, 2).expand(3, 1, 2),
+    )
 
 
 # --------------------------------------------------------------------------- determinism

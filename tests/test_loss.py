@@ -1,0 +1,163 @@
+"""Oracle tests for the DINO loss against a plain-Python evaluation of Eq. 1-4 of the paper."""
+
+import math
+
+import pytest
+import torch
+
+from dino_nb.loss import Loss
+
+OUT = 5
+
+
+def softmax(xs, temp):
+    m = max(x / temp for x in xs)
+    e = [math.exp(x / temp - m) for x in xs]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def log_softmax(xs, temp):
+    m = max(x / temp for x in xs)
+    lse = m + math.log(sum(math.exp(x / temp - m) for x in xs))
+    return [x / temp - lse for x in xs]
+
+
+def hand_loss(student, teacher, center, t_temp, s_temp, same_view=False):
+    """Mean over (teacher view, student view) pairs of the batch mean of H(P_t, P_s)."""
+    student = [s.tolist() for s in student]
+    teacher = [t.tolist() for t in teacher]
+    center = center.reshape(-1).tolist()
+    terms = []
+    for ti, t in enumerate(teacher):
+        for si, s in enumerate(student):
+            if ti == si and not same_view:
+                continue
+            per_sample = []
+            for t_row, s_row in zip(t, s, strict=True):
+                p_t = softmax([a - c for a, c in zip(t_row, center, strict=True)], t_temp)
+                logp_s = log_softmax(s_row, s_temp)
+                per_sample.append(-sum(p * q for p, q in zip(p_t, logp_s, strict=True)))
+            terms.append(sum(per_sample) / len(per_sample))
+    return sum(terms) / len(terms)
+
+
+def hand_center(center, teacher, m):
+    rows = [r for t in teacher for r in t.tolist()]
+    mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
+    return [m * c + (1 - m) * b for c, b in zip(center.reshape(-1).tolist(), mean, strict=True)]
+
+
+def outputs(n_student=4, n_teacher=2, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = [torch.randn(n, OUT, generator=g) for _ in range(n_student)]
+    teacher = [torch.randn(n, OUT, generator=g) for _ in range(n_teacher)]
+    return student, teacher
+
+
+def test_equals_hand_computation():
+    loss = Loss(OUT, teacher_temp=0.04, student_temp=0.1, center_momentum=0.9)
+    with torch.no_grad():
+        loss.center.copy_(torch.randn(1, OUT) * 0.3)
+    student, teacher = outputs()
+    expected = hand_loss(student, teacher, loss.center.clone(), 0.04, 0.1)
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_skips_same_view_pairs():
+    student, teacher = outputs(n_student=3, n_teacher=2)
+    loss = Loss(OUT)
+    value = loss(student, teacher).item()
+    skip = hand_loss(student, teacher, torch.zeros(1, OUT), 0.04, 0.1)
+    include = hand_loss(student, teacher, torch.zeros(1, OUT), 0.04, 0.1, same_view=True)
+    assert abs(skip - include) > 1e-2  # the construction tells the two apart
+    assert value == pytest.approx(skip, rel=1e-5)
+
+
+def test_student_view_matching_the_only_teacher_view_does_not_matter():
+    student, teacher = outputs(n_student=3, n_teacher=1)
+    base = Loss(OUT)(student, teacher)
+    changed0 = [student[0] * 10 + 3, *student[1:]]
+    changed1 = [student[0], student[1] * 10 + 3, student[2]]
+    assert Loss(OUT)(changed0, teacher).item() == pytest.approx(base.item(), rel=1e-6)
+    assert abs(Loss(OUT)(changed1, teacher).item() - base.item()) > 1e-2
+
+
+def test_center_follows_ema_over_two_calls():
+    m = 0.7
+    loss = Loss(OUT, center_momentum=m)
+    s1, t1 = outputs(seed=1)
+    s2, t2 = outputs(seed=2)
+    loss(s1, t1)
+    c1 = hand_center(torch.zeros(1, OUT), t1, m)
+    torch.testing.assert_close(loss.center, torch.tensor([c1]))
+    value2 = loss(s2, t2).item()  # the second call uses the first center
+    assert value2 == pytest.approx(hand_loss(s2, t2, torch.tensor(c1), 0.04, 0.1), rel=1e-5)
+    c2 = hand_center(torch.tensor(c1), t2, m)
+    torch.testing.assert_close(loss.center, torch.tensor([c2]))
+
+
+def test_center_is_a_buffer_and_momentum_one_keeps_it_zero():
+    loss = Loss(OUT, center_momentum=1.0)
+    assert "center" in dict(loss.named_buffers()) and "center" in loss.state_dict()
+    assert list(loss.parameters()) == []
+    assert loss.center.shape == (1, OUT)
+    s, t = outputs()
+    loss(s, t)
+    assert torch.all(loss.center == 0)
+
+
+def test_teacher_temp_attribute_change_takes_effect():
+    s, t = outputs()
+    loss = Loss(OUT, teacher_temp=0.04)
+    loss.teacher_temp = 0.07
+    expected = hand_loss(s, t, torch.zeros(1, OUT), 0.07, 0.1)
+    assert loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - hand_loss(s, t, torch.zeros(1, OUT), 0.04, 0.1)) > 1e-3
+
+
+def test_gradient_flows_to_student_only():
+    s, t = outputs()
+    s = [x.requires_grad_() for x in s]
+    t = [x.requires_grad_() for x in t]
+    Loss(OUT)(s, t).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in s)
+    assert all(x.grad is None for x in t)
+
+
+def test_float32_result_under_bf16_inputs():
+    s, t = outputs()
+    s16, t16 = [x.bfloat16() for x in s], [x.bfloat16() for x in t]
+    loss = Loss(OUT)
+    value = loss(s16, t16)
+    assert value.dtype == torch.float32
+    assert loss.center.dtype == torch.float32
+    ref = hand_loss(
+        [x.float() for x in s16], [x.float() for x in t16], torch.zeros(1, OUT), 0.04, 0.1
+    )
+    assert value.item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(teacher_temp=0.0),
+        dict(teacher_temp=-0.04),
+        dict(student_temp=0.0),
+        dict(student_temp=-1.0),
+        dict(center_momentum=1.5),
+        dict(center_momentum=-0.1),
+    ],
+)
+def test_invalid_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        Loss(OUT, **kwargs)
+
+
+def test_too_few_views_raise():
+    s, t = outputs(n_student=1, n_teacher=1)
+    with pytest.raises(ValueError):
+        Loss(OUT)(s, t)
+    s, t = outputs(n_student=2, n_teacher=0)
+    with pytest.raises(ValueError):
+        Loss(OUT)(s, [])

@@ -1,0 +1,112 @@
+"""Oracle tests for the per-iteration schedules (official DINO ``cosine_scheduler`` semantics)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dino_nb.schedules import cosine_schedule, linear_warmup_schedule
+
+# base 1.0 -> final 0.1 over 5 epochs of 4 iterations, 2 warmup epochs from 0.05
+BASE, FINAL, START = 1.0, 0.1, 0.05
+
+
+@pytest.fixture
+def sched():
+    return cosine_schedule(
+        BASE, FINAL, epochs=5, niter_per_ep=4, warmup_epochs=2, start_warmup_value=START
+    )
+
+
+def test_length_and_dtype(sched):
+    assert sched.shape == (20,)
+    assert sched.dtype == np.float64
+    assert len(cosine_schedule(1, 0, 7, 3)) == 21
+
+
+def test_warmup_start_and_end(sched):
+    assert sched[0] == pytest.approx(START)
+    assert sched[7] == pytest.approx(BASE)  # last warmup iteration is the base value
+    assert sched[8] == pytest.approx(BASE)  # and the cosine starts there too (official behaviour)
+    # linear in between: 8 points from START to BASE, both included
+    for i in range(8):
+        assert sched[i] == pytest.approx(START + (BASE - START) * i / 7)
+
+
+def test_official_formula_by_hand(sched):
+    # cosine part: n = 20 - 8 = 12 iterations, value final + (base - final) * (1 + cos(pi i / n)) / 2
+    assert sched[8 + 6] == pytest.approx(FINAL + 0.5 * (BASE - FINAL))  # cos(pi / 2) = 0
+    assert sched[8 + 4] == pytest.approx(FINAL + 0.75 * (BASE - FINAL))  # cos(pi / 3) = 1 / 2
+    assert sched[8 + 8] == pytest.approx(FINAL + 0.25 * (BASE - FINAL))  # cos(2 pi / 3) = -1 / 2
+    assert sched[19] == pytest.approx(
+        FINAL + 0.5 * (BASE - FINAL) * (1 + math.cos(math.pi * 11 / 12))
+    )
+
+
+def test_without_warmup_starts_at_base():
+    s = cosine_schedule(0.04, 0.4, epochs=3, niter_per_ep=5)
+    assert s[0] == pytest.approx(0.04)
+    assert s[7] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 7 / 15)))
+    assert np.all(np.diff(s) > 0)  # base < final: increasing (weight decay 0.04 -> 0.4)
+
+
+def test_last_value_close_to_final_and_monotone_after_warmup():
+    s = cosine_schedule(5e-4, 1e-6, epochs=100, niter_per_ep=10, warmup_epochs=10)
+    assert s[-1] == pytest.approx(1e-6, abs=1e-5 * 5e-4)
+    assert s[-1] > 1e-6  # the cosine approaches but does not reach the final value
+    assert np.all(np.diff(s[:100]) > 0)
+    assert np.all(np.diff(s[100:]) < 0)
+    assert s.max() == pytest.approx(5e-4)
+
+
+def test_teacher_momentum_towards_one():
+    s = cosine_schedule(0.996, 1.0, epochs=10, niter_per_ep=10)
+    assert s[0] == pytest.approx(0.996)
+    assert np.all(np.diff(s) > 0) and s[-1] < 1.0 and s[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_warmup_over_all_epochs():
+    s = cosine_schedule(1.0, 0.0, epochs=2, niter_per_ep=3, warmup_epochs=2, start_warmup_value=0.0)
+    np.testing.assert_allclose(s, np.linspace(0.0, 1.0, 6))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(epochs=0, niter_per_ep=4),
+        dict(epochs=-1, niter_per_ep=4),
+        dict(epochs=4, niter_per_ep=0),
+        dict(epochs=4, niter_per_ep=4, warmup_epochs=5),
+        dict(epochs=4, niter_per_ep=4, warmup_epochs=-1),
+    ],
+)
+def test_cosine_bad_args_raise(args):
+    with pytest.raises(ValueError):
+        cosine_schedule(1.0, 0.0, **args)
+
+
+def test_linear_warmup_ramp_and_plateau():
+    s = linear_warmup_schedule(0.04, 0.07, epochs=5, niter_per_ep=4, warmup_epochs=2)
+    assert s.shape == (20,)
+    np.testing.assert_allclose(s[:8], [0.04 + 0.03 * i / 7 for i in range(8)])
+    assert s[7] == pytest.approx(0.07)
+    np.testing.assert_array_equal(s[8:], np.full(12, 0.07))
+
+
+def test_linear_warmup_zero_and_fractional_warmup():
+    np.testing.assert_array_equal(linear_warmup_schedule(0.04, 0.07, 3, 4, 0), np.full(12, 0.07))
+    s = linear_warmup_schedule(0.04, 0.07, 3, 4, 0.5)  # 2 warmup iterations
+    np.testing.assert_allclose(s, [0.04, 0.07] + [0.07] * 10)
+
+
+def test_linear_warmup_longer_than_run_is_truncated_not_squeezed():
+    # the paper's 30 warmup epochs in a 10-epoch run: the first 10 epochs of the same ramp
+    s = linear_warmup_schedule(0.04, 0.07, epochs=10, niter_per_ep=2, warmup_epochs=30)
+    full = np.linspace(0.04, 0.07, 60)
+    np.testing.assert_allclose(s, full[:20])
+
+
+@pytest.mark.parametrize("args", [(0, 4, 1), (4, 0, 1), (-2, 4, 1)])
+def test_linear_warmup_bad_args_raise(args):
+    with pytest.raises(ValueError):
+        linear_warmup_schedule(0.04, 0.07, *args)
