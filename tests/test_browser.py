@@ -61,7 +61,12 @@ def shots(request):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    env = {"DINO_NB_PROFILE": "ci", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        "DINO_NB_PROFILE": "ci",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "DINO_NB_RUNS": str(tmp_path_factory.mktemp("runs")),  # not the checkout's runs/ that nbval uses
+    }
     with jupyter_lab(tmp_path_factory.mktemp("jupyterlab"), env=env) as server:
         yield server
 

@@ -1,0 +1,504 @@
+"""What the notebooks' widgets call: the run profile, sample images, and interactive figures.
+
+Every function behind a slider lives here (and has a unit test), so the notebooks only
+import, call and wrap them in ``ipywidgets.interact``. Figures are ``matplotlib`` figures,
+returned and never shown here (the notebook displays them; the inline backend renders PNG).
+
+The **profile** decides how big the notebooks' runs are:
+
+* ``ci``: the committed outputs and ``pytest --nbval``; tiny, deterministic, one CPU thread.
+* ``cpu``: a laptop or a CPU-only Colab/Kaggle session; the ``cpu`` preset in full.
+* ``gpu``: a CUDA GPU (Colab, Kaggle); ImageNette and the paper-sized preset when the data
+  is found, the ``cpu`` preset on the GPU otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import functional as TF
+
+from .attention import threshold_mask, upsample
+from .augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
+from .config import TrainConfig, preset
+from .viz import class_colors, to_hwc, view_labels
+
+ProfileName = Literal["ci", "cpu", "gpu"]
+#: The environment variable that forces a profile (the root ``conftest.py`` sets ``ci``).
+PROFILE_ENV = "DINO_NB_PROFILE"
+PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
+#: The environment variable naming the folder that holds the notebooks' runs (default ``runs/``).
+RUNS_ENV = "DINO_NB_RUNS"
+#: Optimizer steps of a notebook training run in the ``ci`` profile.
+CI_STEPS = 30
+#: Steps between kNN evaluations in the ``ci`` profile.
+CI_EVAL_EVERY = 15
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure, closed in pyplot so only the returned object displays it."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize)
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------- profile
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a notebook runs and how big its work is.
+
+    Attributes:
+        name: ``"ci"``, ``"cpu"`` or ``"gpu"``.
+        platform: ``"colab"``, ``"kaggle"`` or ``"local"``.
+        device: ``"cuda"`` or ``"cpu"``.
+    """
+
+    name: ProfileName
+    platform: str
+    device: str
+
+    @property
+    def is_ci(self) -> bool:
+        """The small, deterministic configuration of the committed outputs."""
+        return self.name == "ci"
+
+
+def detect_platform(environ: Mapping[str, str] | None = None, modules: Mapping[str, Any] | None = None) -> str:
+    """``"kaggle"`` (``KAGGLE_KERNEL_RUN_TYPE`` set), ``"colab"`` (``google.colab`` imported) or ``"local"``."""
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "kaggle"
+    if "google.colab" in modules:
+        return "colab"
+    return "local"
+
+
+def pick_profile(
+    environ: Mapping[str, str] | None = None,
+    modules: Mapping[str, Any] | None = None,
+    cuda_available: bool | None = None,
+    apply: bool = True,
+) -> Profile:
+    """Choose the notebook profile from the environment and the hardware.
+
+    ``$DINO_NB_PROFILE`` wins when set (``ci``, ``cpu`` or ``gpu``); otherwise ``gpu`` when
+    CUDA is available, else ``cpu``. Colab and Kaggle are detected for the platform field
+    only (their GPU sessions get ``gpu`` like any other machine).
+
+    Args:
+        environ: environment variables; default ``os.environ``.
+        modules: imported modules; default ``sys.modules``.
+        cuda_available: default ``torch.cuda.is_available()``.
+        apply: in ``ci``, limit torch to one CPU thread so that printed numbers repeat
+            exactly from machine to machine.
+
+    Raises:
+        ValueError: for an unknown ``$DINO_NB_PROFILE``, or ``gpu`` without a GPU.
+    """
+    environ = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    requested = environ.get(PROFILE_ENV, "").strip().lower()
+    if requested and requested not in PROFILES:
+        raise ValueError(f"${PROFILE_ENV}={requested!r} is not a profile; use one of {', '.join(PROFILES)}")
+    if requested == "gpu" and not cuda:
+        raise ValueError(f"${PROFILE_ENV}=gpu but no CUDA GPU is available; use cpu")
+    name = requested or ("gpu" if cuda else "cpu")
+    profile = Profile(name=name, platform=detect_platform(environ, modules), device="cuda" if name == "gpu" else "cpu")  # type: ignore[arg-type]
+    if apply and profile.is_ci:
+        torch.set_num_threads(1)
+    return profile
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _checkout_root() -> Path | None:
+    """The repository root when the package runs from a checkout (it has ``pyproject.toml``)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def relative(path: str | os.PathLike) -> Path:
+    """``path`` relative to the working directory when possible, so printed paths hold no machine prefix."""
+    path = Path(path)
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd()))
+    except ValueError:  # another drive on Windows
+        return path
+
+
+def runs_dir(name: str) -> Path:
+    """``runs/<name>`` of the checkout (or of the working directory), as a relative path.
+
+    Notebooks run in ``notebooks/``, so this is usually ``../runs/<name>``; it is
+    git-ignored. ``$DINO_NB_RUNS`` names another folder to hold the runs (e.g. a temporary
+    one, so that a test executing copies of the notebooks never shares a run folder with
+    ``pytest --nbval``).
+    """
+    if not name or "/" in name or "\\" in name:
+        raise ValueError(f"a run name must be a plain folder name, got {name!r}")
+    env = os.environ.get(RUNS_ENV)
+    if env:
+        return relative(Path(env).expanduser() / name)
+    root = _checkout_root() or Path.cwd()
+    return relative(root / "runs" / name)
+
+
+def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """The notebooks' training configuration for a profile.
+
+    * ``ci``: the ``cpu`` preset stopped after :data:`CI_STEPS` steps, evaluated every
+      :data:`CI_EVAL_EVERY`; a few seconds of work whose printed numbers repeat exactly.
+    * ``cpu``: the ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
+    * ``gpu``: the ``imagenette`` preset (ViT-S/16, the paper's crops) when ImageNette is
+      found, else the ``cpu`` preset on the GPU.
+
+    Args:
+        profile: from :func:`pick_profile`.
+        out: the run folder.
+        **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
+    """
+    if profile.name == "ci":
+        values: dict[str, Any] = {"max_steps": CI_STEPS, "eval_every": CI_EVAL_EVERY}
+        name = "cpu"
+    elif profile.name == "cpu":
+        values, name = {}, "cpu"
+    else:
+        from .data import find_imagenette
+
+        try:
+            find_imagenette()
+            values, name = {}, "imagenette"
+        except FileNotFoundError:
+            values, name = {"device": "cuda"}, "cpu"
+    return preset(name, **{**values, "out": str(out), **overrides})
+
+
+# --------------------------------------------------------------------------- images
+
+
+def sample_photos(max_side: int | None = 320) -> list[tuple[str, Image.Image]]:
+    """The two photographs scikit-learn ships (no download): ``[("china", ...), ("flower", ...)]``.
+
+    Args:
+        max_side: shrink so the longer side has at most this many pixels (320, ImageNette's
+            size, keeps notebooks small); ``None`` keeps the original 640 x 427.
+    """
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    photos = []
+    for f, a in zip(bunch.filenames, bunch.images, strict=True):
+        img = Image.fromarray(a)
+        if max_side is not None and max(img.size) > max_side:
+            scale = max_side / max(img.size)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        photos.append((Path(f).stem, img))
+    return photos
+
+
+def sample_images(profile: Profile, per_class: int = 1, photos: bool = True) -> list[tuple[str, Image.Image]]:
+    """Images for the augmentation explorer: ``[(title, RGB image), ...]``.
+
+    ImageNette's validation images when ImageNette is found and the profile is not ``ci``
+    (the committed outputs must not depend on what a machine has downloaded); otherwise the
+    built-in dataset's. scikit-learn's two photographs come first with ``photos``.
+
+    Args:
+        profile: from :func:`pick_profile`.
+        per_class: images per class.
+        photos: include scikit-learn's sample photographs.
+    """
+    from .data import class_names, find_imagenette, rgb_loader
+    from .synthetic import ensure_builtin_dataset
+
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    root = None
+    if not profile.is_ci:
+        try:
+            root = find_imagenette()
+        except FileNotFoundError:
+            root = None
+    if root is None:
+        root = ensure_builtin_dataset()
+    out = sample_photos() if photos else []
+    val = root / "val"
+    classes = sorted(p.name for p in val.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for cls, nice in zip(classes, class_names(classes), strict=True):
+        files = sorted(f for f in (val / cls).iterdir() if f.is_file())[:per_class]
+        out.extend((nice if per_class == 1 else f"{nice} {i}", rgb_loader(str(f))) for i, f in enumerate(files))
+    return out
+
+
+# --------------------------------------------------------------------------- notebook 01: crops
+
+
+def draw_views(
+    image: Image.Image,
+    seed: int = 0,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    n_local_crops: int = 6,
+    size: int = 224,
+    local_size: int = 96,
+    record_steps: bool = False,
+) -> list[View]:
+    """DINO's views of ``image`` from a given seed, leaving torch's global random state alone.
+
+    Args:
+        image: the original.
+        seed: the same seed and arguments give the same views.
+        global_scale: (min, max) fraction of the image area a global crop covers.
+        local_scale: same for local crops.
+        n_local_crops: number of local crops.
+        size: side of the global crops in pixels.
+        local_size: side of the local crops in pixels.
+        record_steps: keep each augmentation's intermediate image (``View.steps``).
+
+    Returns:
+        ``[global 1, global 2, local 1, ...]``.
+    """
+    aug = DataAugmentation(global_scale, local_scale, n_local_crops, size, local_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return aug.views(image, record_steps=record_steps)
+
+
+def crop_explorer(
+    image: Image.Image,
+    seed: int = 0,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    n_local_crops: int = 6,
+    size: int = 224,
+    local_size: int = 96,
+) -> Figure:
+    """The original with each view's crop box (solid: global, dashed: local), beside the views.
+
+    Arguments as :func:`draw_views`; the function behind notebook 01's sliders.
+
+    Returns:
+        a figure: the original and its boxes on the left, the views in a grid on the right.
+    """
+    from matplotlib.patches import Rectangle
+
+    views = draw_views(image, seed, global_scale, local_scale, n_local_crops, size, local_size)
+    labels = view_labels(views)
+    colors = class_colors(max(len(views), 1))
+    ncols = min(max(len(views), 2), 5)
+    nrows = math.ceil(len(views) / ncols)
+    fig = _figure((4.5 + 1.6 * ncols, max(3.4, 1.8 * nrows)))
+    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.6 * ncols])
+    ax = left.subplots()
+    ax.imshow(to_hwc(image))
+    for view, label, color in zip(views, labels, colors, strict=True):
+        x0, y0, x1, y1 = view.box
+        is_global = view.kind == "global"
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                      linewidth=2.5 if is_global else 1.5, linestyle="-" if is_global else "--")
+        )
+        ax.text(x0 + 1, y0 + 1, label, color="white", fontsize=8, va="top",
+                bbox={"facecolor": color, "pad": 1, "edgecolor": "none"})
+    ax.set_title(f"original {image.width}x{image.height}: {len(views)} crop boxes")
+    ax.axis("off")
+    axes = right.subplots(nrows, ncols, squeeze=False).flatten()
+    for a, view, label, color in zip(axes, views, labels, colors, strict=False):
+        a.imshow(to_hwc(view.image))
+        a.set_title(f"{label}: {view.image.width}px", fontsize=9, color=color)
+        a.axis("off")
+    for a in axes[len(views) :]:
+        a.axis("off")
+    return fig
+
+
+def single_augmentations(image: Image.Image, size: int = 224) -> list[tuple[str, Image.Image]]:
+    """Each of DINO's augmentations alone, at its strongest setting, on the same centre crop.
+
+    Returns:
+        ``[(name, image), ...]``: the centre crop, then flip, brightness, contrast,
+        saturation, hue, grayscale, blur (sigma 2, the largest drawn) and solarize, each
+        applied to the centre crop only.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    image = image.convert("RGB")
+    side = min(image.size)
+    box = ((image.width - side) // 2, (image.height - side) // 2)
+    base = image.resize((size, size), Image.BICUBIC, box=(box[0], box[1], box[0] + side, box[1] + side))
+    b, c, s, h = JITTER
+    return [
+        ("centre crop", base),
+        ("horizontal flip", base.transpose(Image.FLIP_LEFT_RIGHT)),
+        (f"brightness x{1 + b:g}", TF.adjust_brightness(base, 1 + b)),
+        (f"contrast x{1 + c:g}", TF.adjust_contrast(base, 1 + c)),
+        (f"saturation x{1 - s:g}", TF.adjust_saturation(base, 1 - s)),
+        (f"hue {h:+g}", TF.adjust_hue(base, h)),
+        ("grayscale", base.convert("L").convert("RGB")),
+        ("blur sigma 2", base.filter(ImageFilter.GaussianBlur(radius=2.0))),
+        (f"solarize >= {SOLARIZE_THRESHOLD}", ImageOps.solarize(base, threshold=SOLARIZE_THRESHOLD)),
+    ]
+
+
+def image_row(images: Sequence[tuple[str, Any]], ncols: int | None = None, size: float = 1.6) -> Figure:
+    """Titled images in a grid (one row by default).
+
+    Args:
+        images: ``[(title, image), ...]``; images as :func:`~dino_nb.viz.to_hwc` accepts.
+        ncols: columns; default all in one row.
+        size: inches per panel.
+    """
+    if not images:
+        raise ValueError("no images to show")
+    ncols = ncols or len(images)
+    nrows = math.ceil(len(images) / ncols)
+    fig = _figure((size * ncols, size * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, (title, img) in zip(axes, images, strict=False):
+        ax.imshow(to_hwc(img))
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def steps_figure(views: Sequence[View]) -> Figure:
+    """One row per view, one column per step it went through (``views(..., record_steps=True)``).
+
+    Raises:
+        ValueError: when the views hold no recorded steps.
+    """
+    if not views or not any(v.steps for v in views):
+        raise ValueError("the views hold no steps; draw them with views(img, record_steps=True)")
+    ncols = max(len(v.steps) for v in views)
+    fig = _figure((1.5 * ncols + 0.4, 1.6 * len(views)))
+    axes = fig.subplots(len(views), ncols, squeeze=False)
+    for r, (view, label) in enumerate(zip(views, view_labels(views), strict=True)):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(view.steps):
+                name, img = view.steps[c]
+                ax.imshow(to_hwc(img))
+                ax.set_title(f"{label}: {name}" if c == 0 else name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- notebook 03: temperature
+
+
+def tempered_softmax(logits: torch.Tensor, temperature: float, center: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``softmax((logits - center) / temperature)`` over the last dimension.
+
+    Raises:
+        ValueError: for a temperature that is not positive.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return torch.softmax((logits.float() - center) / temperature, dim=-1)
+
+
+def temperature_figure(logits: torch.Tensor, temperature: float, reference: float = 0.1) -> Figure:
+    """Bars of ``softmax(logits / tau)`` at a reference temperature and at ``temperature``.
+
+    Titles give each distribution's entropy (in nats) against ``log K``; a lower
+    temperature sharpens (lower entropy), a higher one flattens.
+
+    Args:
+        logits: ``(K,)`` one sample's logits.
+        temperature: the slider's temperature.
+        reference: the temperature to compare with (the student's 0.1 in DINO).
+    """
+    if logits.ndim != 1:
+        raise ValueError(f"logits must be (K,), got shape {tuple(logits.shape)}")
+    k = logits.shape[0]
+    fig = _figure((11, 3.2))
+    axes = fig.subplots(1, 3)
+    axes[0].bar(range(k), logits.float().numpy(), color="tab:gray")
+    axes[0].set_title("logits $g$")
+    for ax, tau, color in ((axes[1], reference, "tab:blue"), (axes[2], temperature, "tab:orange")):
+        p = tempered_softmax(logits, tau)
+        h = float(-(p * p.clamp_min(1e-12).log()).sum())
+        ax.bar(range(k), p.numpy(), color=color)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"softmax($g/\\tau$), $\\tau$={tau:g}: entropy {h:.2f} / {math.log(k):.2f}", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("dimension")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- notebook 05: attention
+
+
+def attention_explorer(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    index: int = 0,
+    head: int = -1,
+    threshold: float = 0.6,
+    names: Sequence[str] | None = None,
+    mode: Literal["nearest", "bilinear"] = "nearest",
+) -> Figure:
+    """One image's CLS attention for one head (or the mean of all heads), and its mask.
+
+    Panels: the image; the map overlaid; the image with everything outside the patches
+    that hold ``threshold`` of the attention mass dimmed (the paper keeps 60%). The
+    function behind notebook 05's sliders (image, head, threshold).
+
+    Args:
+        images: ``(n_images, 3, H, W)`` in [0, 1] (denormalised).
+        maps: ``(n_images, n_heads, grid_h, grid_w)`` from
+            :func:`~dino_nb.attention.cls_attention_maps`.
+        index: which image.
+        head: head index, or ``-1`` for the mean over heads.
+        threshold: fraction of the attention mass the mask keeps, in (0, 1].
+        names: a title per image (e.g. its class).
+        mode: upsampling of the map to the image size.
+    """
+    if maps.ndim != 4 or images.ndim != 4 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"need images (n, 3, H, W) and maps (n, n_heads, grid_h, grid_w) for the same n, "
+            f"got {tuple(images.shape)} and {tuple(maps.shape)}"
+        )
+    n_images, n_heads = maps.shape[:2]
+    if not 0 <= index < n_images:
+        raise ValueError(f"index must be in [0, {n_images}), got {index}")
+    if not -1 <= head < n_heads:
+        raise ValueError(f"head must be -1 (mean) or in [0, {n_heads}), got {head}")
+    one = maps[index].float().mean(dim=0) if head == -1 else maps[index, head].float()  # (grid_h, grid_w)
+    keep = threshold_mask(one, threshold)  # (grid_h, grid_w)
+    img = to_hwc(images[index])  # (H, W, 3)
+    size = img.shape[:2]
+    heat = upsample(one, size, mode).numpy()  # (H, W)
+    mask = upsample(keep, size, "nearest").numpy()  # (H, W)
+    fig = _figure((9, 3.4))
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(img)
+    axes[0].set_title(names[index] if names is not None else f"image {index}", fontsize=9)
+    axes[1].imshow(img)
+    axes[1].imshow(heat, cmap="inferno", alpha=0.6)
+    axes[1].set_title("mean of heads" if head == -1 else f"head {head}", fontsize=9)
+    axes[2].imshow(img * (0.2 + 0.8 * mask[..., None]))
+    axes[2].set_title(f"{threshold:.0%} of the mass: {int(keep.sum())} of {keep.numel()} patches", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

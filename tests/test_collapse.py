@@ -1,0 +1,75 @@
+import math
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from dino_nb.collapse import (  # noqa: E402
+    SETTINGS,
+    CollapseSetting,
+    collapse_figure,
+    collapse_study,
+    entropy,
+    kl_divergence,
+    run_setting,
+)
+
+
+def test_entropy_and_kl_against_hand_values():
+    uniform = torch.full((1, 4), 0.25)
+    assert torch.allclose(entropy(uniform), torch.tensor([math.log(4)]))
+    assert torch.allclose(entropy(torch.tensor([[1.0, 0.0]])), torch.tensor([0.0]))
+    p = torch.tensor([[0.5, 0.5]])
+    q = torch.tensor([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert torch.allclose(kl_divergence(p, q.log()), torch.tensor([expected]))
+    assert torch.allclose(kl_divergence(p, p.log()), torch.zeros(1), atol=1e-7)
+
+
+def test_run_setting_shapes_and_determinism():
+    a = run_setting(SETTINGS[0], steps=5, out_dim=16, batch_size=8)
+    b = run_setting(SETTINGS[0], steps=5, out_dim=16, batch_size=8)
+    assert len(a.entropy) == len(a.kl) == len(a.loss) == len(a.batch_entropy) == 5
+    assert a.entropy == b.entropy and a.kl == b.kl
+    assert a.max_entropy == pytest.approx(math.log(16))
+    for h, hb, kl, loss in zip(a.entropy, a.batch_entropy, a.kl, a.loss, strict=True):
+        assert 0 <= h <= a.max_entropy + 1e-5 and 0 <= hb <= a.max_entropy + 1e-5 and kl >= -1e-6
+        assert math.isfinite(loss)
+    with pytest.raises(ValueError):
+        run_setting(SETTINGS[0], steps=0)
+
+
+def test_run_setting_keeps_global_rng():
+    torch.manual_seed(0)
+    x = torch.rand(1)
+    torch.manual_seed(0)
+    run_setting(SETTINGS[1], steps=2, out_dim=8, batch_size=4)
+    assert torch.equal(torch.rand(1), x)
+
+
+@pytest.mark.slow
+def test_collapse_study_reproduces_the_paper():
+    # Fig. 7 of Caron et al. 2021: centering alone -> uniform, sharpening alone -> one-hot
+    torch.set_num_threads(1)
+    runs = {r.setting.name: r for r in collapse_study(steps=300)}
+    both, centering, sharpening = runs["centering + sharpening"], runs["centering only"], runs["sharpening only"]
+    log_k = both.max_entropy
+
+    def tail(xs):
+        return sum(xs[-20:]) / 20
+
+    assert tail(centering.entropy) > 0.95 * log_k
+    assert tail(sharpening.entropy) < 0.1
+    assert tail(sharpening.batch_entropy) < 0.5 * tail(both.batch_entropy)
+    assert tail(centering.kl) < 0.02
+    assert tail(both.kl) > 2 * tail(sharpening.kl) > 4 * tail(centering.kl)
+
+
+def test_collapse_figure():
+    runs = collapse_study(settings=[CollapseSetting("x", True, True)], steps=3, out_dim=8, batch_size=4)
+    fig = collapse_figure(runs)
+    assert len(fig.axes) == 3
+    with pytest.raises(ValueError):
+        collapse_figure([])
