@@ -57,3 +57,25 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
         raise RuntimeError(f"could not load checkpoint {path}: {e}") from e
+
+
+def backbone_state_dict(
+    path: str | os.PathLike, which: str = "teacher", map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone weights of the student or the teacher in a training checkpoint.
+
+    Args:
+        path: ``checkpoint.pth`` or ``best_model.pth`` of a run.
+        which: ``"teacher"`` (what the paper evaluates) or ``"student"``.
+        map_location: device to load the tensors on.
+
+    Returns:
+        ``(state_dict, config)``: the ``MultiCropWrapper``'s ``backbone.*`` entries with
+        the prefix removed (the keys of a plain timm model), and the run's config dict.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    state = load(path, map_location=map_location)
+    prefix = "backbone."
+    weights = {k[len(prefix) :]: v for k, v in state[which].items() if k.startswith(prefix)}
+    return weights, state["config"]

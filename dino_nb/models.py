@@ -112,14 +112,9 @@ def backbone_from_checkpoint(path: str, which: str = "teacher", map_location: st
     Returns:
         the timm backbone in eval mode, with the checkpoint's weights.
     """
-    from .checkpoint import load
+    from .checkpoint import backbone_state_dict
 
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    ckpt = load(path, map_location=map_location)
-    cfg = ckpt["config"]
+    state, cfg = backbone_state_dict(path, which, map_location)
     backbone = build_backbone(cfg["model"], False, **dict(cfg.get("model_kwargs") or {}))
-    prefix = "backbone."
-    state = {k[len(prefix) :]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
     backbone.load_state_dict(state)
     return backbone.eval()

@@ -643,11 +643,7 @@ def export_backbone(checkpoint: str | os.PathLike, path: str | os.PathLike, whic
     Returns:
         ``path``.
     """
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    state = ckpt_io.load(checkpoint)
-    prefix = "backbone."
-    backbone = {k[len(prefix) :]: v for k, v in state[which].items() if k.startswith(prefix)}
+    backbone, _ = ckpt_io.backbone_state_dict(checkpoint, which)
     return ckpt_io.save_atomic(backbone, path)
 
 
