@@ -178,30 +178,15 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images * std + mean).clamp(0.0, 1.0)
 
 
-class DataAugmentation:
-    """Create 2 global crops and ``n_local_crops`` local crops of an image.
+class MultiCropSettings:
+    """The multi-crop settings shared by the CPU pipeline and its GPU twin.
 
-    Per view (DINO, App. D): a random resized crop (bicubic), horizontal flip (p=0.5),
-    colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then Gaussian blur
-    with p=1.0 for global 1, p=0.1 for global 2 and p=0.5 for local crops, and
-    solarization with p=0.2 for global 2 only.
-
-    Args:
-        global_crops_scale: range of the fraction of the image area a global crop covers.
-        local_crops_scale: same for local crops.
-        n_local_crops: number of local crops.
-        size: side of the global crops in pixels.
-        local_size: side of the local crops; ``None`` means ``size`` (the tutorial), 96 is
-            the paper's choice with 224 global crops.
-        normalize: return normalised float tensors (``True``) or uint8 tensors to be
-            normalised later on the device with :func:`normalize_uint8` (``False``).
-
-    Examples:
-        >>> aug = DataAugmentation(n_local_crops=2, size=64, local_size=32)
-        >>> crops = aug(Image.new("RGB", (80, 60)))
-        >>> [tuple(c.shape) for c in crops]
-        [(3, 64, 64), (3, 64, 64), (3, 32, 32), (3, 32, 32)]
+    Validates the arguments once, resolves ``local_size``, and gives both classes the same
+    ``n_crops`` and ``repr``. See :class:`DataAugmentation` for the meaning of each argument.
     """
+
+    #: extra attributes shown by ``repr`` in a subclass
+    _repr_extra: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -227,16 +212,40 @@ class DataAugmentation:
         self.normalize = normalize
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(global_crops_scale={self.global_crops_scale}, "
-            f"local_crops_scale={self.local_crops_scale}, n_local_crops={self.n_local_crops}, "
-            f"size={self.size}, local_size={self.local_size}, normalize={self.normalize})"
-        )
+        names = ("global_crops_scale", "local_crops_scale", "n_local_crops", "size", "local_size", "normalize")
+        fields = ", ".join(f"{name}={getattr(self, name)}" for name in (*names, *self._repr_extra))
+        return f"{type(self).__name__}({fields})"
 
     @property
     def n_crops(self) -> int:
         """Total number of views per image."""
         return 2 + self.n_local_crops
+
+
+class DataAugmentation(MultiCropSettings):
+    """Create 2 global crops and ``n_local_crops`` local crops of an image.
+
+    Per view (DINO, App. D): a random resized crop (bicubic), horizontal flip (p=0.5),
+    colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then Gaussian blur
+    with p=1.0 for global 1, p=0.1 for global 2 and p=0.5 for local crops, and
+    solarization with p=0.2 for global 2 only.
+
+    Args:
+        global_crops_scale: range of the fraction of the image area a global crop covers.
+        local_crops_scale: same for local crops.
+        n_local_crops: number of local crops.
+        size: side of the global crops in pixels.
+        local_size: side of the local crops; ``None`` means ``size`` (the tutorial), 96 is
+            the paper's choice with 224 global crops.
+        normalize: return normalised float tensors (``True``) or uint8 tensors to be
+            normalised later on the device with :func:`normalize_uint8` (``False``).
+
+    Examples:
+        >>> aug = DataAugmentation(n_local_crops=2, size=64, local_size=32)
+        >>> crops = aug(Image.new("RGB", (80, 60)))
+        >>> [tuple(c.shape) for c in crops]
+        [(3, 64, 64), (3, 64, 64), (3, 32, 32), (3, 32, 32)]
+    """
 
     def _view(
         self, img: Image.Image, kind: str, p_blur: float, p_solarize: float, record: bool

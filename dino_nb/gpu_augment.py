@@ -65,6 +65,7 @@ from .augment import (
     RATIO,
     SOLARIZE_THRESHOLD,
     DataAugmentation,
+    MultiCropSettings,
     pil_to_uint8_tensor,
 )
 
@@ -305,7 +306,7 @@ def gaussian_blur(
 # ----------------------------------------------------------------------------- the module
 
 
-class GPUMultiCrop:
+class GPUMultiCrop(MultiCropSettings):
     """:class:`~dino_nb.augment.DataAugmentation` on a batch of uint8 canvases, on their device.
 
     Same arguments and the same distribution of views as the CPU pipeline (see the module
@@ -328,6 +329,8 @@ class GPUMultiCrop:
         >>> # crops = gpu_aug(images)  -> 2 x (B, 3, 224, 224), 8 x (B, 3, 96, 96)
     """
 
+    _repr_extra = ("out_dtype",)
+
     def __init__(
         self,
         global_crops_scale: Sequence[float] = (0.4, 1),
@@ -338,16 +341,7 @@ class GPUMultiCrop:
         normalize: bool = True,
         out_dtype: torch.dtype = torch.float32,
     ) -> None:
-        # the CPU class validates the arguments and resolves local_size
-        ref = DataAugmentation(
-            global_crops_scale, local_crops_scale, n_local_crops, size, local_size
-        )
-        self.global_crops_scale = ref.global_crops_scale
-        self.local_crops_scale = ref.local_crops_scale
-        self.n_local_crops = ref.n_local_crops
-        self.size = ref.size
-        self.local_size = ref.local_size
-        self.normalize = normalize
+        super().__init__(global_crops_scale, local_crops_scale, n_local_crops, size, local_size, normalize)
         self.out_dtype = out_dtype
 
     @classmethod
@@ -364,19 +358,6 @@ class GPUMultiCrop:
             True,
             out_dtype,
         )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(global_crops_scale={self.global_crops_scale}, "
-            f"local_crops_scale={self.local_crops_scale}, n_local_crops={self.n_local_crops}, "
-            f"size={self.size}, local_size={self.local_size}, normalize={self.normalize}, "
-            f"out_dtype={self.out_dtype})"
-        )
-
-    @property
-    def n_crops(self) -> int:
-        """Total number of views per image."""
-        return 2 + self.n_local_crops
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
