@@ -26,17 +26,18 @@ MINI = REPO.parent / "shared" / "data" / "imagenette-mini"
 
 
 def image_folder_root(
-    n_generated: int = 64, size: tuple[int, int] = (320, 240)
+    n_generated: int = 64, size: tuple[int, int] = (320, 240), generated: bool = False
 ) -> tuple[Path, str]:
     """A folder in ImageFolder layout (``train/<class>/*.JPEG``, ``val/...``) of real JPEGs.
 
-    ``../shared/data/imagenette-mini`` when present, else ``n_generated`` smooth random JPEGs
-    (``size`` = width, height) written once to a temporary folder.
+    ``../shared/data/imagenette-mini`` when present (and ``generated`` is false), else
+    ``n_generated`` smooth random JPEGs (``size`` = width, height) written once to a
+    temporary folder.
 
     Returns:
         ``(root, description)``.
     """
-    if (MINI / "train").is_dir() and (MINI / "val").is_dir():
+    if not generated and (MINI / "train").is_dir() and (MINI / "val").is_dir():
         return MINI, f"imagenette-mini ({MINI})"
     root = Path(tempfile.gettempdir()) / f"dino_nb_bench_jpegs_{n_generated}_{size[0]}x{size[1]}"
     if not (root / "val").is_dir():

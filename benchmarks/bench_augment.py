@@ -8,6 +8,10 @@ collation by the training loop on its device (the script prints what that costs 
 device is this CPU). Passes alternate between the contenders, on the same images; the
 table shows median images/s and the median of the per-pair time ratios.
 
+Read from ``../shared/data/imagenette-mini`` (224x224 photos) when present; ``--photos
+500x375`` uses generated JPEGs of ImageNette's typical full size instead, where more crop
+boxes are larger than the output and our gain is smaller.
+
 Rows:
 
 - the tutorial's settings, ``-c 4``: 2 global + 2 local crops, all at 224;
@@ -22,6 +26,7 @@ Rows:
 Usage:
     python benchmarks/bench_augment.py            # about 2 minutes on 2 cores
     python benchmarks/bench_augment.py --quick    # a sanity run, seconds
+    python benchmarks/bench_augment.py --photos 500x375   # larger (generated) photos
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one loader worker)")
     p.add_argument("--canvas", type=int, default=256, help="canvas of the --gpu-augment path")
     p.add_argument(
+        "--photos",
+        default=None,
+        metavar="WxH",
+        help="use generated JPEGs of this size instead of imagenette-mini (e.g. 500x375, "
+        "the typical full-size ImageNette photo; imagenette-mini's are 224x224)",
+    )
+    p.add_argument(
         "--device", default=None, help="also time GPUMultiCrop on this device (e.g. cuda)"
     )
     p.add_argument(
@@ -85,7 +97,14 @@ def main(argv=None):
     if args.quick:
         args.images, args.repeats = 4, 1
     threads = C.set_threads(args.threads)
-    root, source = C.image_folder_root()
+    if args.photos:
+        try:
+            w, h = (int(v) for v in args.photos.lower().split("x"))
+        except ValueError:
+            p.error(f"--photos must look like 500x375, got {args.photos!r}")
+        root, source = C.image_folder_root(size=(w, h), generated=True)
+    else:
+        root, source = C.image_folder_root()
     paths = C.jpeg_paths(root)
     print(
         f"images: {source}; {args.images} images per pass, {args.repeats} passes; {C.machine_line(threads)}"

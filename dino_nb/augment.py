@@ -5,23 +5,27 @@ image and the teacher on the two global ones, so the student must map a small lo
 crop to the same representation as a crop that covers most of the image
 ("local-to-global correspondence").
 
-Every random draw goes through torch's global generator, so ``torch.manual_seed``
-reproduces the views exactly. All pixel work is done with PIL on uint8 images: crop
-and resize in one call, PIL's Gaussian blur (the official DINO code uses it too, and it
-is several times cheaper than torchvision's tensor blur on a 224 crop), and
-normalisation at the very end (or on the device, see ``normalize=False``).
+Every random draw goes through torch's global generator, and all draws of a view happen
+before any pixel work, so ``torch.manual_seed`` reproduces the views exactly. All pixel
+work is done with PIL on uint8 images, at the lower of two resolutions: the crop box's own
+when it is smaller than the output (then resized up once at the end) or the output's (the
+box cropped and resized in one call first). Brightness and contrast are single lookup
+tables, the hue shift a table on PIL's HSV hue channel (bit for bit what torchvision's PIL
+path computes), the blur PIL's Gaussian blur (the official DINO code uses it too; several
+times cheaper than torchvision's tensor blur), and normalisation comes at the very end or
+on the device (``normalize=False``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
-from torchvision.transforms import functional as TF
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,7 +56,8 @@ class View:
         kind: ``"global"`` or ``"local"``.
         box: ``(left, top, right, bottom)`` of the crop in the original image, in pixels.
         flipped: whether the crop was mirrored horizontally.
-        jitter: the colour-jitter factors applied, ``None`` when jitter was skipped.
+        jitter: the colour-jitter factors, keyed in the (random) order they were applied;
+            ``None`` when jitter was skipped.
         grayscale: whether the view was turned to grayscale.
         blur_sigma: the Gaussian blur sigma, ``None`` when no blur was applied.
         solarized: whether the view was solarized.
@@ -122,8 +127,54 @@ def random_resized_box(
     return left, top, left + w, top + h
 
 
-def _color_jitter(img: Image.Image) -> tuple[Image.Image, dict[str, float]]:
-    """Apply brightness, contrast, saturation and hue jitter in a random order."""
+def adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
+    """Brightness as torchvision's PIL path computes it: a blend with black.
+
+    The same ``Image.blend`` call as ``PIL.ImageEnhance.Brightness``, without building the
+    enhancer object each time (pixel for pixel equal; tested).
+    """
+    return Image.blend(Image.new("RGB", img.size, 0), img, factor)
+
+
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    """Contrast as torchvision's PIL path computes it: a blend with the rounded mean gray level."""
+    mean = int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
+    return Image.blend(Image.new("RGB", img.size, (mean, mean, mean)), img, factor)
+
+
+def adjust_saturation(img: Image.Image, factor: float) -> Image.Image:
+    """Saturation as torchvision's PIL path computes it: a blend with the image's gray version."""
+    return Image.blend(img.convert("L").convert("RGB"), img, factor)
+
+
+@functools.cache
+def _hue_lut(shift: int) -> tuple[int, ...]:
+    return tuple((i + shift) % 256 for i in range(256))
+
+
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """Rotate the hue of an RGB image, pixel for pixel what ``torchvision``'s PIL path does.
+
+    Like torchvision: convert to PIL's 8-bit HSV, add ``int(hue_factor * 255)`` to the hue
+    channel modulo 256, convert back. The shift is done with a 256-entry lookup table on the
+    hue channel in place of torchvision's round trip through a NumPy array.
+    """
+    shift = int(hue_factor * 255)  # truncated toward zero, as np.int32(...) does
+    h, s, v = img.convert("HSV").split()
+    return Image.merge("HSV", (h.point(_hue_lut(shift)), s, v)).convert("RGB")
+
+
+#: jitter operations in torchvision's ``ColorJitter`` order (its random permutation indexes this)
+_JITTER_OPS = (
+    ("brightness", adjust_brightness),
+    ("contrast", adjust_contrast),
+    ("saturation", adjust_saturation),
+    ("hue", adjust_hue),
+)
+
+
+def _draw_jitter() -> dict[str, float]:
+    """Draw the colour-jitter factors, keyed in the random order they are to be applied."""
     b, c, s, h = JITTER
     order = torch.randperm(4).tolist()
     factors = {
@@ -132,16 +183,15 @@ def _color_jitter(img: Image.Image) -> tuple[Image.Image, dict[str, float]]:
         "saturation": _uniform(1 - s, 1 + s),
         "hue": _uniform(-h, h),
     }
-    ops = [
-        ("brightness", TF.adjust_brightness),
-        ("contrast", TF.adjust_contrast),
-        ("saturation", TF.adjust_saturation),
-        ("hue", TF.adjust_hue),
-    ]
-    for i in order:
-        name, op = ops[i]
-        img = op(img, factors[name])
-    return img, factors
+    return {_JITTER_OPS[i][0]: factors[_JITTER_OPS[i][0]] for i in order}
+
+
+def apply_jitter(img: Image.Image, jitter: dict[str, float]) -> Image.Image:
+    """Apply brightness, contrast, saturation and hue factors in the order of ``jitter``'s keys."""
+    ops = dict(_JITTER_OPS)
+    for name, factor in jitter.items():
+        img = ops[name](img, factor)
+    return img
 
 
 def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -228,7 +278,10 @@ class DataAugmentation(MultiCropSettings):
     Per view (DINO, App. D): a random resized crop (bicubic), horizontal flip (p=0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then Gaussian blur
     with p=1.0 for global 1, p=0.1 for global 2 and p=0.5 for local crops, and
-    solarization with p=0.2 for global 2 only.
+    solarization with p=0.2 for global 2 only. Each view's random decisions are drawn
+    first; the colour work and blur then run on the crop box before it is resized whenever
+    the box has fewer pixels than the output (see :meth:`_render`), which gives the same
+    view up to rounding for a fraction of the work.
 
     Args:
         global_crops_scale: range of the fraction of the image area a global crop covers.
@@ -247,43 +300,79 @@ class DataAugmentation(MultiCropSettings):
         [(3, 64, 64), (3, 64, 64), (3, 32, 32), (3, 32, 32)]
     """
 
+    def _draw(self, width: int, height: int, kind: str, p_blur: float, p_solarize: float) -> View:
+        """Draw every random decision of one view, in a fixed order, before any pixel work.
+
+        The order (box, flip, jitter, grayscale, blur, solarize) is part of the seed's
+        meaning: ``torch.manual_seed`` gives the same views whatever resolution they are
+        later rendered at.
+        """
+        scale = self.global_crops_scale if kind == "global" else self.local_crops_scale
+        view = View(image=None, kind=kind, box=random_resized_box(width, height, scale))  # type: ignore[arg-type]
+        view.flipped = _bernoulli(P_FLIP)
+        view.jitter = _draw_jitter() if _bernoulli(P_JITTER) else None
+        view.grayscale = _bernoulli(P_GRAYSCALE)
+        view.blur_sigma = _uniform(*BLUR_SIGMA) if _bernoulli(p_blur) else None
+        view.solarized = _bernoulli(p_solarize)
+        return view
+
+    def _render(self, img: Image.Image, view: View, out: int, record: bool) -> None:
+        """Make ``view.image``: crop, flip, colour work and blur, resize, solarize.
+
+        The colour jitter, grayscale and blur cost in proportion to the pixels they touch,
+        so they run at the lower of two resolutions: the crop box's own (then resized up to
+        ``out``) or ``out`` (the box resized down first). At the tutorial's settings on
+        ImageNette most crop boxes are smaller than 224x224 (a local crop covers 5-40 % of
+        the photo), and working on the box is several times cheaper. All these operations
+        act on each pixel alone or, for the blur, commute with resizing once its sigma is
+        expressed in the box's pixels (``sigma * box side / out`` along each axis), so the
+        two orders give the same view up to interpolation rounding. Solarize, a threshold,
+        always runs last at the output resolution, as in the paper's recipe.
+        """
+        left, top, right, bottom = view.box
+        box_w, box_h = right - left, bottom - top
+        colour_work = view.jitter is not None or view.grayscale or view.blur_sigma is not None
+        on_box = colour_work and box_w * box_h < out * out
+        if on_box:
+            x = img.crop(view.box)  # (box_h, box_w): the pixel work runs on these
+        else:
+            x = img.resize((out, out), Image.BICUBIC, box=view.box)  # crop + resize in one call
+        steps: list[tuple[str, Image.Image]] = []
+
+        def step(name: str) -> None:
+            if record:  # show each step at the output size, whatever size it ran at
+                steps.append((name, x if x.size == (out, out) else x.resize((out, out), Image.BICUBIC)))
+
+        step("crop")
+        if view.flipped:
+            x = x.transpose(Image.FLIP_LEFT_RIGHT)
+            step("flip")
+        if view.jitter is not None:
+            x = apply_jitter(x, view.jitter)
+            step("colour jitter")
+        if view.grayscale:
+            x = x.convert("L").convert("RGB")
+            step("grayscale")
+        if view.blur_sigma is not None:
+            sigma = view.blur_sigma  # in output pixels
+            radius = (sigma * box_w / out, sigma * box_h / out) if on_box else sigma
+            x = x.filter(ImageFilter.GaussianBlur(radius=radius))
+            step("blur")
+        if on_box:
+            x = x.resize((out, out), Image.BICUBIC)
+            if record:
+                steps[-1] = (steps[-1][0], x)
+        if view.solarized:
+            x = ImageOps.solarize(x, threshold=SOLARIZE_THRESHOLD)
+            step("solarize")
+        view.image = x
+        view.steps = steps
+
     def _view(
         self, img: Image.Image, kind: str, p_blur: float, p_solarize: float, record: bool
     ) -> View:
-        scale, out = (
-            (self.global_crops_scale, self.size) if kind == "global" else (self.local_crops_scale, self.local_size)
-        )
-        box = random_resized_box(img.width, img.height, scale)
-        view = View(image=img, kind=kind, box=box)
-        # crop and resize in one PIL call: no intermediate crop image
-        x = img.resize((out, out), Image.BICUBIC, box=box)
-        steps = [("crop", x)] if record else []
-        if _bernoulli(P_FLIP):
-            x = x.transpose(Image.FLIP_LEFT_RIGHT)
-            view.flipped = True
-            if record:
-                steps.append(("flip", x))
-        if _bernoulli(P_JITTER):
-            x, view.jitter = _color_jitter(x)
-            if record:
-                steps.append(("colour jitter", x))
-        if _bernoulli(P_GRAYSCALE):
-            x = x.convert("L").convert("RGB")
-            view.grayscale = True
-            if record:
-                steps.append(("grayscale", x))
-        if _bernoulli(p_blur):
-            view.blur_sigma = _uniform(*BLUR_SIGMA)
-            x = x.filter(ImageFilter.GaussianBlur(radius=view.blur_sigma))
-            if record:
-                steps.append(("blur", x))
-        if _bernoulli(p_solarize):
-            x = ImageOps.solarize(x, threshold=SOLARIZE_THRESHOLD)
-            view.solarized = True
-            if record:
-                steps.append(("solarize", x))
-        view.image = x
-        view.steps = steps
+        view = self._draw(img.width, img.height, kind, p_blur, p_solarize)
+        self._render(img, view, self.size if kind == "global" else self.local_size, record)
         return view
 
     def views(self, img: Image.Image, record_steps: bool = False) -> list[View]:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from dino_nb import augment as A
 from dino_nb.augment import (
@@ -288,3 +288,126 @@ def test_constants_are_the_papers():
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         DataAugmentation(**kwargs)
+
+
+# --------------------------------------------------------------------------- pixel work
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_colour_ops_match_torchvision_bit_for_bit(seed):
+    from torchvision.transforms import functional as TF
+
+    rng = np.random.default_rng(seed)
+    img = random_image(23, 17, seed=seed)
+    for factor in [0.0, 0.6, 1.0, 1.4, *rng.uniform(0.6, 1.4, 20)]:
+        assert np.array_equal(
+            np.asarray(A.adjust_brightness(img, factor)), np.asarray(TF.adjust_brightness(img, factor))
+        )
+        assert np.array_equal(
+            np.asarray(A.adjust_contrast(img, factor)), np.asarray(TF.adjust_contrast(img, factor))
+        )
+        assert np.array_equal(
+            np.asarray(A.adjust_saturation(img, factor)), np.asarray(TF.adjust_saturation(img, factor))
+        )
+    for hue in [-0.1, -0.05, 0.0, 0.003, 0.1, *rng.uniform(-0.1, 0.1, 20)]:
+        assert np.array_equal(np.asarray(A.adjust_hue(img, hue)), np.asarray(TF.adjust_hue(img, hue)))
+
+
+def test_jitter_is_applied_in_the_order_of_its_keys():
+    from torchvision.transforms import functional as TF
+
+    ops = {
+        "brightness": TF.adjust_brightness,
+        "contrast": TF.adjust_contrast,
+        "saturation": TF.adjust_saturation,
+        "hue": TF.adjust_hue,
+    }
+    img = random_image(20, 20, seed=4)
+    torch.manual_seed(0)
+    orders = set()
+    for _ in range(60):
+        jitter = A._draw_jitter()
+        orders.add(tuple(jitter))
+        expected = img
+        for name, factor in jitter.items():
+            expected = ops[name](expected, factor)
+        assert np.array_equal(np.asarray(A.apply_jitter(img, jitter)), np.asarray(expected))
+    assert len(orders) > 12  # a random permutation of the four, not a fixed order
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: random colours at 1/8 resolution, resized up (no pixel noise)."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(low).resize((width, height), Image.BICUBIC)
+
+
+def render_resize_first(img: Image.Image, v: A.View, out: int, scale_blur: bool = True) -> np.ndarray:
+    """The straightforward order: crop+resize to ``out``, then every operation at ``out``."""
+    x = img.resize((out, out), Image.BICUBIC, box=v.box)
+    if v.flipped:
+        x = x.transpose(Image.FLIP_LEFT_RIGHT)
+    if v.jitter is not None:
+        x = A.apply_jitter(x, v.jitter)
+    if v.grayscale:
+        x = x.convert("L").convert("RGB")
+    if v.blur_sigma is not None:
+        x = x.filter(ImageFilter.GaussianBlur(v.blur_sigma))
+    if v.solarized:
+        x = ImageOps.solarize(x, A.SOLARIZE_THRESHOLD)
+    return np.asarray(x, dtype=np.float64)
+
+
+def test_views_worked_on_the_small_crop_box_match_the_resize_first_order():
+    """Colour work and blur run on the box when it is smaller than the output: same view."""
+    img = smooth_image(224, 224, seed=2)
+    a = DataAugmentation(n_local_crops=8, size=224, normalize=False)
+    torch.manual_seed(0)
+    on_box = blurred = 0
+    for _ in range(6):
+        for v in a.views(img):
+            left, top, right, bottom = v.box
+            colour_work = v.jitter is not None or v.grayscale or v.blur_sigma is not None
+            if not colour_work or (right - left) * (bottom - top) >= 224 * 224:
+                continue
+            on_box += 1
+            diff = np.abs(np.asarray(v.image, dtype=np.float64) - render_resize_first(img, v, 224))
+            # PIL's 8-bit HSV quantises the hue (its round trip at hue 0 alone moves pixels by
+            # ~0.5 levels on average here), so the two orders differ by a level or two
+            assert diff.mean() < 2.5, (v, diff.mean())
+            if v.blur_sigma is not None and v.blur_sigma > 1.0 and (right - left) < 112:
+                # the blur's sigma is rescaled to the box's pixels: without that, the
+                # upsampled blur would be several times too wide
+                blurred += 1
+                x = img.crop(v.box)
+                x = x.transpose(Image.FLIP_LEFT_RIGHT) if v.flipped else x
+                x = A.apply_jitter(x, v.jitter) if v.jitter is not None else x
+                x = x.convert("L").convert("RGB") if v.grayscale else x
+                wrong = x.filter(ImageFilter.GaussianBlur(v.blur_sigma)).resize((224, 224), Image.BICUBIC)
+                wrong_diff = np.abs(np.asarray(wrong, dtype=np.float64) - render_resize_first(img, v, 224))
+                assert wrong_diff.mean() > 2 * diff.mean()
+    assert on_box > 20 and blurred > 0
+
+
+def test_recorded_steps_do_not_change_the_views():
+    img = smooth_image(64, 48, seed=5)
+    a = DataAugmentation(n_local_crops=4, size=48, local_size=24)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        plain = a.views(img)
+        torch.manual_seed(seed)
+        recorded = a.views(img, record_steps=True)
+        for p, r in zip(plain, recorded, strict=True):
+            assert np.array_equal(np.asarray(p.image), np.asarray(r.image))
+            assert all(step.size == p.image.size for _, step in r.steps)
+
+
+def test_random_decisions_do_not_depend_on_the_pixels():
+    """Every draw happens before pixel work: a seed means the same views for any content."""
+    a = aug(n_local=4, size=16, local_size=8)
+    records = []
+    for content_seed in (0, 1):
+        torch.manual_seed(7)
+        views = a.views(random_image(40, 30, seed=content_seed))
+        records.append([(v.box, v.flipped, v.jitter, v.grayscale, v.blur_sigma, v.solarized) for v in views])
+    assert records[0] == records[1]

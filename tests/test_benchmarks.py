@@ -1,0 +1,43 @@
+"""The benchmark scripts still run against the package (a quick pass, not a measurement)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_augment_quick_prints_a_ratio_per_setting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_augment.py", "--quick", "--photos", "64x48"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].split("|")[1].strip() == "setting"
+    assert len(rows) == 1 + 5  # header + four crop settings + the --gpu-augment CPU side
+    for row in rows[1:]:
+        tutorial, ours, ratio = (float(c) for c in row.split("|")[2:5])
+        assert tutorial > 0 and ours > 0 and ratio > 0
+    assert re.search(r"generated 64x48 JPEGs", result.stdout)
+
+
+def test_bench_augment_rejects_a_malformed_photo_size():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_augment.py", "--photos", "big"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--photos must look like 500x375" in result.stderr
