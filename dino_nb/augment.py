@@ -9,11 +9,12 @@ Every random draw goes through torch's global generator, and all draws of a view
 before any pixel work, so ``torch.manual_seed`` reproduces the views exactly. All pixel
 work is done with PIL on uint8 images, at the lower of two resolutions: the crop box's own
 when it is smaller than the output (then resized up once at the end) or the output's (the
-box cropped and resized in one call first). Brightness and contrast are single lookup
-tables, the hue shift a table on PIL's HSV hue channel (bit for bit what torchvision's PIL
-path computes), the blur PIL's Gaussian blur (the official DINO code uses it too; several
-times cheaper than torchvision's tensor blur), and normalisation comes at the very end or
-on the device (``normalize=False``).
+box cropped and resized in one call first). Brightness, contrast and saturation are the
+``Image.blend`` calls of ``PIL.ImageEnhance`` and the hue shift a table on PIL's HSV hue
+channel (bit for bit what torchvision's PIL path computes, without its per-call overhead),
+the blur PIL's Gaussian blur (the official DINO code uses it too; several times cheaper
+than torchvision's tensor blur), and normalisation comes at the very end or on the device
+(``normalize=False``).
 """
 
 from __future__ import annotations
@@ -165,12 +166,13 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
 
 
 #: jitter operations in torchvision's ``ColorJitter`` order (its random permutation indexes this)
-_JITTER_OPS = (
-    ("brightness", adjust_brightness),
-    ("contrast", adjust_contrast),
-    ("saturation", adjust_saturation),
-    ("hue", adjust_hue),
-)
+_JITTER_OPS = {
+    "brightness": adjust_brightness,
+    "contrast": adjust_contrast,
+    "saturation": adjust_saturation,
+    "hue": adjust_hue,
+}
+_JITTER_NAMES = tuple(_JITTER_OPS)
 
 
 def _draw_jitter() -> dict[str, float]:
@@ -183,14 +185,13 @@ def _draw_jitter() -> dict[str, float]:
         "saturation": _uniform(1 - s, 1 + s),
         "hue": _uniform(-h, h),
     }
-    return {_JITTER_OPS[i][0]: factors[_JITTER_OPS[i][0]] for i in order}
+    return {_JITTER_NAMES[i]: factors[_JITTER_NAMES[i]] for i in order}
 
 
 def apply_jitter(img: Image.Image, jitter: dict[str, float]) -> Image.Image:
     """Apply brightness, contrast, saturation and hue factors in the order of ``jitter``'s keys."""
-    ops = dict(_JITTER_OPS)
     for name, factor in jitter.items():
-        img = ops[name](img, factor)
+        img = _JITTER_OPS[name](img, factor)
     return img
 
 

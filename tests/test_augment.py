@@ -342,9 +342,8 @@ def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(low).resize((width, height), Image.BICUBIC)
 
 
-def render_resize_first(img: Image.Image, v: A.View, out: int, scale_blur: bool = True) -> np.ndarray:
-    """The straightforward order: crop+resize to ``out``, then every operation at ``out``."""
-    x = img.resize((out, out), Image.BICUBIC, box=v.box)
+def flip_colour_blur(x: Image.Image, v: A.View) -> Image.Image:
+    """The view's flip, jitter, grayscale and blur (sigma as drawn), in the pipeline's order."""
     if v.flipped:
         x = x.transpose(Image.FLIP_LEFT_RIGHT)
     if v.jitter is not None:
@@ -353,6 +352,12 @@ def render_resize_first(img: Image.Image, v: A.View, out: int, scale_blur: bool 
         x = x.convert("L").convert("RGB")
     if v.blur_sigma is not None:
         x = x.filter(ImageFilter.GaussianBlur(v.blur_sigma))
+    return x
+
+
+def render_resize_first(img: Image.Image, v: A.View, out: int) -> np.ndarray:
+    """The straightforward order: crop+resize to ``out``, then every operation at ``out``."""
+    x = flip_colour_blur(img.resize((out, out), Image.BICUBIC, box=v.box), v)
     if v.solarized:
         x = ImageOps.solarize(x, A.SOLARIZE_THRESHOLD)
     return np.asarray(x, dtype=np.float64)
@@ -379,11 +384,7 @@ def test_views_worked_on_the_small_crop_box_match_the_resize_first_order():
                 # the blur's sigma is rescaled to the box's pixels: without that, the
                 # upsampled blur would be several times too wide
                 blurred += 1
-                x = img.crop(v.box)
-                x = x.transpose(Image.FLIP_LEFT_RIGHT) if v.flipped else x
-                x = A.apply_jitter(x, v.jitter) if v.jitter is not None else x
-                x = x.convert("L").convert("RGB") if v.grayscale else x
-                wrong = x.filter(ImageFilter.GaussianBlur(v.blur_sigma)).resize((224, 224), Image.BICUBIC)
+                wrong = flip_colour_blur(img.crop(v.box), v).resize((224, 224), Image.BICUBIC)
                 wrong_diff = np.abs(np.asarray(wrong, dtype=np.float64) - render_resize_first(img, v, 224))
                 assert wrong_diff.mean() > 2 * diff.mean()
     assert on_box > 20 and blurred > 0
