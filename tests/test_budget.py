@@ -1,0 +1,141 @@
+"""Tests for the wall-time budget, on a fake clock."""
+
+import math
+
+import pytest
+
+from dino_nb.budget import TimeBudget
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0  # an arbitrary origin, as time.monotonic has
+
+    def __call__(self):
+        return self.t
+
+
+def simulate(minutes, step_s, eval_s=0.0, eval_every=None, setup_s=0.0, **kwargs):
+    """Drive a TimeBudget the way the training loop does; return (budget, total, seconds used)."""
+    clock = FakeClock()
+    budget = TimeBudget(minutes, clock=clock, **kwargs)
+    budget.start()
+    clock.t += setup_s
+    if eval_every:  # the evaluation before the first step
+        clock.t += eval_s
+        budget.record_eval(eval_s)
+    step, total = 0, None
+    while total is None or step < total:
+        clock.t += step_s
+        step += 1
+        budget.record_step()
+        if total is None and budget.calibrated:
+            total = budget.total_steps(eval_every=eval_every, final_eval=eval_every is not None)
+        if eval_every and step % eval_every == 0 and step != total:
+            clock.t += eval_s
+            budget.record_eval(eval_s)
+    if eval_every:
+        clock.t += eval_s  # the final evaluation
+    return budget, total, budget.elapsed()
+
+
+def test_no_evaluations_fill_the_budget_minus_the_margin():
+    budget, total, used = simulate(10, 0.5, margin=0.02)
+    assert total == 1176  # 1200 steps of 0.5 s in 10 minutes, less 2%
+    assert used == pytest.approx(588.0)
+    assert budget.step_seconds == pytest.approx(0.5)
+    assert budget.seconds_left() == pytest.approx(12.0)
+
+
+def oracle_count(budget_s, step_s, eval_s, eval_every):
+    """Largest n whose run fits: eval at 0, one every eval_every steps before the last, a final one."""
+    best = None
+    for n in range(1, 100_000):
+        seconds = eval_s + n * step_s + eval_s * len(range(eval_every, n, eval_every)) + eval_s
+        if seconds <= budget_s:
+            best = n
+    return best
+
+
+@pytest.mark.parametrize(
+    ("eval_s", "eval_every"), [(20.0, 100), (7.0, 37), (0.0, 50), (30.0, 1000), (1.0, 1), (2.0, 23)]
+)
+def test_evaluations_are_paid_for(eval_s, eval_every):
+    budget, total, used = simulate(10, 0.5, eval_s=eval_s, eval_every=eval_every, margin=0.0)
+    assert total == oracle_count(600.0, 0.5, eval_s, eval_every)
+    assert used <= 600.0
+    # one more step (and any evaluation it brings) would not fit
+    assert used + 0.5 + (eval_s if total % eval_every == 0 else 0.0) > 600.0
+
+
+def test_eval_inside_the_calibration_window_is_not_step_time():
+    budget, total, _ = simulate(10, 0.5, eval_s=20.0, eval_every=5)
+    assert budget.step_seconds == pytest.approx(0.5)
+    assert budget.eval_seconds == 20.0
+    assert total == oracle_count(588.0, 0.5, 20.0, 5)
+
+
+def test_slow_warmup_steps_are_excluded():
+    clock = FakeClock()
+    budget = TimeBudget(10, clock=clock)
+    budget.start()
+    for step_s in [30.0, 5.0, 5.0] + [0.5] * 60:
+        clock.t += step_s
+        budget.record_step()
+    assert budget.step_seconds == pytest.approx(0.5)
+    assert budget.total_steps() == 63 + math.floor((588 - 70) / 0.5)
+
+
+def test_short_budget_decides_at_max_fraction():
+    # 1 s steps, 30 s budget: 20 timed steps would take most of it; decide at 25% (7.5 s)
+    clock = FakeClock()
+    budget = TimeBudget(0.5, clock=clock, margin=0.02, max_fraction=0.25)
+    budget.start()
+    for _ in range(7):
+        clock.t += 1.0
+        budget.record_step()
+    assert not budget.calibrated
+    clock.t += 1.0
+    budget.record_step()
+    assert budget.calibrated
+    assert budget.total_steps() == 8 + math.floor(29.4 - 8)
+
+
+@pytest.mark.parametrize("setup_s", [0.0, 59.0, 120.0])
+def test_budget_shorter_than_calibration_gives_one_more_step(setup_s):
+    # a 40 s step in a 1-minute budget (or setup that used it all): stop after the next step
+    budget, total, _ = simulate(1, 40.0, setup_s=setup_s)
+    assert total == 2 == budget.steps_done
+
+
+def test_fixed_count_never_changes():
+    clock = FakeClock()
+    budget = TimeBudget(10, clock=clock)
+    budget.start()
+    with pytest.raises(RuntimeError, match="record_step"):
+        budget.total_steps()
+    while not budget.calibrated:
+        clock.t += 0.5
+        budget.record_step()
+    total = budget.total_steps(eval_every=100)
+    for _ in range(50):  # steps become 10x slower: the recipe's length must not move
+        clock.t += 5.0
+        budget.record_step()
+    budget.record_eval(100.0)
+    assert budget.total_steps() == budget.total_steps(eval_every=1) == budget.total == total
+    assert budget.calibrated
+
+
+@pytest.mark.parametrize("minutes", [0, -1, -0.5, float("nan"), float("inf"), "10", None])
+def test_invalid_minutes(minutes):
+    with pytest.raises(ValueError, match="positive number of minutes"):
+        TimeBudget(minutes)
+
+
+def test_invalid_fractions_and_unstarted_clock():
+    with pytest.raises(ValueError, match="margin"):
+        TimeBudget(1, margin=1.0)
+    with pytest.raises(ValueError, match="min_fraction"):
+        TimeBudget(1, min_fraction=0.5, max_fraction=0.1)
+    with pytest.raises(RuntimeError, match="start"):
+        TimeBudget(1).seconds_left()
