@@ -34,6 +34,7 @@ from .head import Head
 from .loss import Loss
 from .multicrop import MultiCropWrapper
 from .optim import ema_update
+from .signals import batch_mean_entropy, mean_entropy, teacher_student_kl
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,6 @@ class CollapseRun:
     kl: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     max_entropy: float = 0.0
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each row of ``probs`` ``(n_samples, K)``; returns ``(n_samples,)``."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-
-
-def kl_divergence(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` per row, from probabilities ``p`` and log-probabilities ``log_q``, each ``(n, K)``."""
-    return (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=-1)
 
 
 def _toy_data(n_samples: int, dim: int, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -175,12 +166,10 @@ def run_setting(
         # measure before the loss updates the center: these are the targets of this step
         p_t = loss_fn.teacher_probs(teacher_out)  # 2 x (batch, K)
         with torch.no_grad():
-            log_p_s = [F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out]
-            all_p = torch.cat(p_t)  # (2 * batch, K)
-            run.entropy.append(float(entropy(all_p).mean()))
-            run.batch_entropy.append(float(entropy(all_p.mean(dim=0, keepdim=True))))
-            kls = [kl_divergence(p_t[t], log_p_s[s]).mean() for t in range(2) for s in range(2) if s != t]
-            run.kl.append(float(torch.stack(kls).mean()))
+            log_p_s = [F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out]  # 2 x (batch, K)
+        run.entropy.append(float(mean_entropy(p_t)))
+        run.batch_entropy.append(float(batch_mean_entropy(p_t)))
+        run.kl.append(float(teacher_student_kl(p_t, log_p_s)))
         loss = loss_fn(student_out, teacher_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,21 +11,8 @@ from dino_nb.collapse import (  # noqa: E402
     CollapseSetting,
     collapse_figure,
     collapse_study,
-    entropy,
-    kl_divergence,
     run_setting,
 )
-
-
-def test_entropy_and_kl_against_hand_values():
-    uniform = torch.full((1, 4), 0.25)
-    assert torch.allclose(entropy(uniform), torch.tensor([math.log(4)]))
-    assert torch.allclose(entropy(torch.tensor([[1.0, 0.0]])), torch.tensor([0.0]))
-    p = torch.tensor([[0.5, 0.5]])
-    q = torch.tensor([[0.9, 0.1]])
-    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
-    assert torch.allclose(kl_divergence(p, q.log()), torch.tensor([expected]))
-    assert torch.allclose(kl_divergence(p, p.log()), torch.zeros(1), atol=1e-7)
 
 
 def test_run_setting_shapes_and_determinism():

@@ -1,0 +1,159 @@
+"""Oracle tests for the collapse signals and the collapse monitor."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dino_nb.loss import Loss
+from dino_nb.signals import (
+    CollapseMonitor,
+    batch_mean_entropy,
+    collapse_signals,
+    entropy,
+    kl_divergence,
+    mean_entropy,
+    teacher_student_kl,
+)
+
+
+def test_entropy_hand_values():
+    assert torch.allclose(entropy(torch.full((3, 8), 1 / 8)), torch.full((3,), math.log(8)))
+    assert torch.equal(entropy(torch.tensor([[0.0, 1.0, 0.0]])), torch.zeros(1))
+    p = torch.tensor([[0.25, 0.75]])
+    assert entropy(p).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_kl_hand_values():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p, q.log()).item() == pytest.approx(expected)
+    assert torch.allclose(kl_divergence(p, p.log()), torch.zeros(1), atol=1e-7)
+
+
+def test_mean_and_batch_entropy_tell_the_two_collapses_apart():
+    k = 16
+    uniform = [torch.full((4, k), 1 / k)] * 2
+    assert mean_entropy(uniform).item() == pytest.approx(math.log(k))
+    assert batch_mean_entropy(uniform).item() == pytest.approx(math.log(k))
+    same = [F.one_hot(torch.full((4,), 3), k).float()] * 2  # every sample on prototype 3
+    assert mean_entropy(same).item() == 0 and batch_mean_entropy(same).item() == 0
+    # healthy: one-hot targets spread over 4 prototypes -> batch-mean entropy log 4
+    spread = [F.one_hot(torch.arange(4), k).float(), F.one_hot(torch.arange(4), k).float()]
+    assert mean_entropy(spread).item() == 0
+    assert batch_mean_entropy(spread).item() == pytest.approx(math.log(4))
+    # two views, hand mix: view 0 uniform over 2, view 1 one-hot -> mean entropy (log 2 + 0) / 2
+    a = torch.tensor([[0.5, 0.5]])
+    b = torch.tensor([[1.0, 0.0]])
+    assert mean_entropy([a, b]).item() == pytest.approx(math.log(2) / 2)
+    assert batch_mean_entropy([a, b]).item() == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    )
+
+
+def random_outputs(n_crops=4, n=5, k=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = [torch.randn(n, k, generator=g, requires_grad=True) for _ in range(n_crops)]
+    teacher = [torch.randn(n, k, generator=g) * 2 for _ in range(2)]
+    return student, teacher
+
+
+def test_kl_pairs_by_a_plain_loop():
+    student, teacher = random_outputs()
+    p_t = [F.softmax(t, dim=-1) for t in teacher]
+    log_p_s = [F.log_softmax(s, dim=-1) for s in student]
+    total, pairs = 0.0, 0
+    for t in range(2):
+        for s in range(4):
+            if s == t:
+                continue
+            for i in range(5):
+                total += (
+                    sum(
+                        p_t[t][i, j].item()
+                        * (math.log(p_t[t][i, j].item()) - log_p_s[s][i, j].item())
+                        for j in range(7)
+                    )
+                    / 5
+                )
+            pairs += 1
+    assert pairs == 6
+    assert teacher_student_kl(p_t, log_p_s).item() == pytest.approx(total / pairs, rel=1e-5)
+    # the same view is skipped: student view 0 differs from teacher view 0 but is never compared
+    same = teacher_student_kl(p_t[:1], [p_t[1].log(), p_t[0].log()])
+    assert same.item() == pytest.approx(0, abs=1e-6)
+    # every other student view is compared: a mismatch in the last one shows
+    assert teacher_student_kl(p_t[:1], [p_t[1].log(), p_t[0].log(), p_t[1].log()]).item() > 0.01
+    with pytest.raises(ValueError, match="pairs"):
+        teacher_student_kl(p_t[:1], log_p_s[:1])
+
+
+@pytest.mark.parametrize("n_crops", [2, 4])
+def test_loss_is_teacher_entropy_plus_kl(n_crops):
+    # cross-entropy = entropy + KL, over the same (teacher view, student view) pairs as the loss
+    student, teacher = random_outputs(n_crops=n_crops)
+    loss_fn = Loss(7, teacher_temp=0.5, student_temp=0.1, center_momentum=0.9)
+    loss_fn.center.normal_()  # a non-zero center, so that the probabilities must be taken before it moves
+    p_t = loss_fn.teacher_probs(teacher)  # before the forward updates the center
+    log_p_s = [F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student]
+    loss = loss_fn(student, teacher)
+    h, kl = mean_entropy(p_t), teacher_student_kl(p_t, log_p_s)
+    assert loss.item() == pytest.approx((h + kl).item(), rel=1e-5)
+    signals = collapse_signals(p_t, loss)
+    assert signals["kl"].item() == pytest.approx(kl.item(), abs=1e-5)
+    for name, value in signals.items():  # 0-dim tensors, no graph: the caller decides when to sync
+        assert value.shape == () and not value.requires_grad, name
+    assert signals["teacher_entropy"].item() == pytest.approx(h.item())
+    assert signals["batch_entropy"].item() == pytest.approx(entropy(torch.cat(p_t).mean(0)).item())
+
+
+def test_monitor_fires_once_on_uniform_collapse():
+    k = 1024
+    monitor = CollapseMonitor(k, warmup_steps=100, patience=5)
+    stuck = 0.99 * math.log(k)
+    messages = [monitor.update(step, stuck) for step in range(0, 1000, 10)]
+    fired = [
+        (step, m) for step, m in zip(range(0, 1000, 10), messages, strict=True) if m is not None
+    ]
+    assert len(fired) == 1
+    step, message = fired[0]
+    assert step == 140  # steps 100, 110, 120, 130, 140: five logged values after the warmup
+    assert "uniform" in message and "--teacher-temp" in message and "log K" in message
+
+
+def test_monitor_fires_once_on_one_prototype_collapse():
+    monitor = CollapseMonitor(1024, patience=3)
+    messages = [monitor.update(step, 2.0, batch_entropy=0.01) for step in range(10)]
+    assert [m is not None for m in messages] == [False, False, True] + [False] * 7
+    assert "same prototype" in messages[2] and "--warmup-teacher-temp-epochs" in messages[2]
+
+
+def test_monitor_quiet_on_healthy_and_noisy_runs():
+    k = 65536
+    monitor = CollapseMonitor(k, warmup_steps=10, patience=4)
+    # a loss that starts at log K and falls, batch entropy that starts at 0 (random ViT) and grows
+    for step in range(200):
+        loss = math.log(k) * max(1 - step / 20, 0.3)
+        batch_entropy = min(step / 10, 4.0)
+        assert monitor.update(step, loss, batch_entropy) is None
+    # single collapsed-looking values between healthy ones reset the streak
+    noisy = CollapseMonitor(k, patience=3)
+    for step in range(50):
+        bad = step % 3 == 0
+        assert noisy.update(step, 11.0 if bad else 5.0, 0.1 if bad else 3.0) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"out_dim": 1},
+        {"patience": 0},
+        {"uniform_fraction": 1.0},
+        {"uniform_fraction": 0},
+        {"min_batch_entropy": -1},
+    ],
+)
+def test_monitor_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match="patience"):
+        CollapseMonitor(**{"out_dim": 16, **kwargs})
