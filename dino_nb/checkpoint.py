@@ -1,9 +1,21 @@
-"""Checkpoints that survive a crash mid-write and load without unpickling code."""
+"""Checkpoints that survive a crash mid-write and load without unpickling code.
+
+Three layers of safety: :func:`save_atomic` never leaves a half-written file under the
+final name; with ``keep_previous=True`` the run's ``checkpoint.pth`` keeps the copy before
+it as ``checkpoint.prev.pth``, which :func:`load_with_fallback` uses when the newest copy
+was damaged afterwards (a copy cut short, a full disk, a bad sync); and :func:`load` reads
+tensors and plain containers only (``weights_only=True``), so opening a checkpoint cannot
+run code. A file that does not load gets one message naming it and saying what it is.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +26,45 @@ LAST = "checkpoint.pth"
 BEST = "best_model.pth"
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded; the message names the file and what is wrong."""
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_atomic` keeps the previous copy: ``checkpoint.pth -> checkpoint.prev.pth``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (not possible on every OS or file system)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync it, then ``os.replace``.
 
     A crash or a kill at any point leaves either the old file or the new one, never a
     truncated file under the final name.
+
+    Args:
+        obj: what to save: tensors and plain containers, so that :func:`load` accepts it.
+        path: the final file name.
+        keep_previous: keep the file being replaced as :func:`previous_path` (the run's
+            ``checkpoint.pth``). The previous copy is hard-linked into place before the new
+            file replaces ``path``, so ``path`` never goes missing; where links are not
+            supported the old file is renamed instead, and for that instant the previous
+            copy is the good one.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,19 +74,72 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            prev = previous_path(path)
+            link = Path(f"{tmp}.prev")
+            try:
+                os.link(path, link)  # the previous copy, while path still holds the same file
+                os.replace(link, prev)
+            except OSError:
+                link.unlink(missing_ok=True)
+                os.replace(path, prev)  # no hard links here: for an instant only prev and tmp exist
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)
     return path
+
+
+#: The first bytes of a zip archive (PyTorch's format since 1.6) and of the legacy format's pickle.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """What is wrong with a file ``torch.load`` refused, from its bytes, in words."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): the write or copy that made it stopped before any data"
+    globals_ = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if isinstance(error, pickle.UnpicklingError) and globals_:
+        return (
+            f"holds a Python object ({globals_[0]}), not only tensors and plain containers; it is "
+            "refused because unpickling it could run code. dino-nb checkpoints never hold one: "
+            "this file was written by something else"
+        )
+    with open(path, "rb") as f:
+        head = f.read(64)
+    cut = f"is truncated ({size} bytes): the write or copy that made it was cut short"
+    if _ZIP_MAGIC.startswith(head[:4]) and (len(head) < 4 or not zipfile.is_zipfile(path)):
+        return cut + " (the end of its zip archive is missing)"
+    if head.startswith(_ZIP_MAGIC):
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "is a zip archive but not a PyTorch checkpoint (it has no data.pkl)"
+            bad = archive.testzip()
+        return f"is corrupted (damaged entry {bad} in its zip archive)" if bad else _reason(error)
+    if head.startswith(_LEGACY_MAGIC):
+        return "is truncated or corrupted (PyTorch's legacy format)"
+    if head.startswith(b"\x80"):
+        return "is a Python pickle, not a PyTorch checkpoint"
+    if all(b >= 32 or b in b"\t\n\r\f" for b in head):  # no control bytes: text
+        text = head.decode("utf-8", errors="replace")[:40]
+        return f"is a text file, not a PyTorch checkpoint (it starts with {text!r})"
+    return f"is not a PyTorch checkpoint (it starts with the bytes {head[:16]!r})"
+
+
+def _reason(error: Exception) -> str:
+    """``torch.load``'s complaint about a well-formed archive, without its weights_only=False advice."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1].split(
+            "Check the documentation", 1
+        )[0]
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if "weights_only" in first or not first:
+        first = "its contents cannot be unpickled as tensors and plain containers"
+    return f"could not be read ({type(error).__name__}: {first})"
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -48,7 +147,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        RuntimeError: when the file is not a loadable checkpoint, naming the file.
+        CheckpointError: (a ``RuntimeError``) when the file is empty, truncated, not a PyTorch
+            checkpoint, or holds Python objects; one message naming the file and saying which.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,7 +156,35 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        raise RuntimeError(f"could not load checkpoint {path}: {e}") from e
+        # from None: torch's own text advises weights_only=False, which would run the file's code
+        raise CheckpointError(f"checkpoint {path} {_diagnose(path, e)}") from None
+
+
+def load_with_fallback(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """Load ``path``, or its previous copy (:func:`previous_path`) with a warning if it does not load.
+
+    Returns:
+        ``(state, the path it came from)``.
+
+    Raises:
+        FileNotFoundError: when neither file exists.
+        CheckpointError: when neither loads, with both reasons.
+    """
+    path = Path(path)
+    prev = previous_path(path)
+    try:
+        return load(path, map_location), path
+    except (FileNotFoundError, CheckpointError) as newest:
+        if not prev.is_file():
+            raise
+        try:
+            state = load(prev, map_location)
+        except CheckpointError as older:
+            raise CheckpointError(f"neither copy loads: {newest}; and {older}") from None
+        warnings.warn(f"{newest}; using the previous copy {prev}", stacklevel=2)
+        return state, prev
 
 
 def backbone_state_dict(
