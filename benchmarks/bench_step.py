@@ -1,9 +1,11 @@
 """Training-step throughput and peak memory: the tutorial's recipe vs ours, same model and batch.
 
 The tutorial's recipe (``seed_baseline``): every crop at 224, fp32, all crops concatenated
-into one forward pass, its per-parameter clipping loop and EMA loop. Ours, built from the
-package's blocks as ``dino_nb.train`` does: uint8 crops normalised on the device, local
-crops at 96 (the paper's), one backbone pass per resolution (``MultiCropWrapper``),
+into one forward pass, its per-parameter clipping loop and EMA loop. Ours is the shipped
+step itself, :func:`dino_nb.engine.train_step` on a :func:`~dino_nb.engine.build_run` of the
+``imagenette`` preset (the config's clip of 3, its schedules, last layer not frozen: the
+steady state after the first epoch): uint8 crops normalised on the device, local crops at
+96 (the paper's), one backbone pass per resolution (``MultiCropWrapper``),
 ``torch.autocast`` in bf16 where the hardware has it, ``clip_gradients`` (no host sync),
 ``param_groups`` (no decay on biases and norms) and ``ema_update`` (one fused lerp). Both
 see the same number of crops per image (2 global + ``--n-local``) and the same batch.
@@ -37,9 +39,8 @@ import seed_baseline
 import torch
 
 from dino_nb.augment import normalize_uint8
-from dino_nb.loss import Loss
-from dino_nb.models import build_student_teacher
-from dino_nb.optim import clip_gradients, ema_update, param_groups
+from dino_nb.config import preset
+from dino_nb.engine import build_run, train_step
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).
 PEAK_FLOPS = {
@@ -87,15 +88,21 @@ class Contender:
             )
             self.crops = [torch.randn(b, 3, 224, 224, device=device) for _ in range(2 + n_local)]
         else:
-            self.amp = torch.bfloat16 if kind == "ours-bf16" else None
-            if self.amp is not None and not bf16_available(device):
-                self.amp = torch.float16  # older GPUs: fp16 with a gradient scaler
-            self.student, self.teacher = build_student_teacher(args.model, args.out_dim)
-            self.student.to(device), self.teacher.to(device)
-            self.loss = Loss(args.out_dim).to(device)
-            lr = 0.0005 * b / 256
-            self.opt = torch.optim.AdamW(param_groups(self.student), lr=lr, weight_decay=0.4)
-            self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+            precision = "fp32" if kind == "ours-fp32" else ("bf16" if bf16_available(device) else "fp16")
+            cfg = preset(
+                "imagenette",
+                model=args.model,
+                out_dim=args.out_dim,
+                batch_size=b,
+                n_local_crops=n_local,
+                local_size=args.local_size,
+                precision=precision,
+                device=device.type,
+                freeze_last_layer=0,
+            )
+            self.run = build_run(cfg, steps_per_epoch=1000)
+            self.amp = self.run.amp_dtype
+            self.iteration = 0
             sizes = [224, 224] + [args.local_size] * n_local
             # uint8 crops as the DataLoader delivers them with normalize=False
             self.crops = [
@@ -109,19 +116,8 @@ class Contender:
             )
             return
         crops = [normalize_uint8(c) for c in self.crops]
-        with torch.autocast(
-            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
-        ):
-            teacher_output = self.teacher(crops[:2])
-            student_output = self.student(crops)
-            loss = self.loss(student_output, teacher_output)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        clip_gradients(self.student, 2.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        ema_update(self.teacher, self.student, 0.9995)
+        train_step(self.run, crops, self.run.schedules[self.iteration])
+        self.iteration += 1
 
     def flops(self) -> float:
         """Model FLOPs of one step (forward and backward), counted by torch."""

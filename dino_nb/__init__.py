@@ -2,15 +2,16 @@
 
 The building blocks keep the names of the tutorial this project grew from:
 ``DataAugmentation``, ``Head``, ``MultiCropWrapper``, ``Loss``, ``clip_gradients``,
-``compute_knn`` and ``compute_embedding``.
+``compute_knn`` and ``compute_embedding``; ``DINOHead`` and ``DINOLoss`` are the same
+classes under the official code's names.
 """
 
 import importlib
 from typing import Any
 
 from .augment import DataAugmentation, denormalize, normalize_uint8
-from .head import Head
-from .loss import Loss
+from .head import DINOHead, Head
+from .loss import DINOLoss, Loss
 from .models import backbone_from_checkpoint, build_backbone, build_student_teacher
 from .multicrop import MultiCropWrapper
 from .optim import clip_gradients
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 # ``.data``) are imported on first use, so that running them does not import them twice.
 _LAZY = {name: "evaluate" for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")}
 _LAZY.update({name: "train" for name in ("TrainResult", "export_backbone")})
+_LAZY.update({name: "engine" for name in ("Run", "build_run", "train_step")})
 _LAZY.update({name: "config" for name in ("TrainConfig", "preset")})
 
 
@@ -34,12 +36,16 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DataAugmentation",
     "TrainConfig",
+    "Run",
     "TrainResult",
+    "DINOHead",
+    "DINOLoss",
     "Head",
     "Loss",
     "MultiCropWrapper",
     "backbone_from_checkpoint",
     "build_backbone",
+    "build_run",
     "build_student_teacher",
     "clip_gradients",
     "compute_embedding",
@@ -51,5 +57,6 @@ __all__ = [
     "normalize_uint8",
     "export_backbone",
     "preset",
+    "train_step",
     "weighted_knn",
 ]

@@ -110,39 +110,49 @@ class TimeBudget:
         enough = self._window_steps >= self.min_steps and spent >= self.min_fraction
         return self.total is not None or enough or spent >= self.max_fraction
 
-    def total_steps(self, eval_every: int | None = None, final_eval: bool = True) -> int:
-        """Fix (on the first call) and return the run's total number of optimizer steps.
+    def estimate(self, eval_every: int | None = None, final_eval: bool = True) -> int:
+        """The step count that fits by the measurements so far, without fixing it.
+
+        Before calibration ends, a run lays its schedules over this provisional count, so
+        that its first steps already follow (nearly) the schedule the fixed count will give.
 
         Args:
-            eval_every: an evaluation after every ``eval_every``-th step before the last
-                (the one after the current step included); ``None`` for none.
+            eval_every: an evaluation after every ``eval_every``-th step before the last;
+                ``None`` for none.
             final_eval: whether one more evaluation follows the last step.
 
         Returns:
-            the largest count that fits the budget, at least ``steps_done + 1``; later calls
-            return the same number whatever their arguments.
+            the largest count that fits the budget, at least ``steps_done + 1``.
         """
-        if self.total is not None:
-            return self.total
-        if not self.calibrated:
-            raise RuntimeError(
-                f"not calibrated yet ({self._window_steps} timed steps): keep calling record_step()"
-            )
         done, now, step = self.steps_done, self.elapsed(), max(self.step_seconds, 1e-9)
         limit = (1 - self.margin) * self.seconds
 
         def cost(n: int) -> float:  # seconds the whole run takes if it ends after n steps
-            periodic = (
-                (n - 1) // eval_every - (done - 1) // eval_every if eval_every else 0
-            )  # in [done, n)
+            periodic = (n - 1) // eval_every - (done - 1) // eval_every if eval_every else 0  # in [done, n)
             return now + (n - done) * step + (periodic + int(final_eval)) * self.eval_seconds
 
         lo = done + 1
-        hi = max(
-            lo, done + math.floor((limit - now) / step)
-        )  # evaluations aside, nothing longer fits
+        hi = max(lo, done + math.floor((limit - now) / step))  # evaluations aside, nothing longer fits
         while lo < hi:  # largest n in [lo, hi] with cost(n) <= limit (cost grows with n), else lo
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
-        self.total = lo
         return lo
+
+    def total_steps(self, eval_every: int | None = None, final_eval: bool = True) -> int:
+        """Fix (on the first call) and return the run's total number of optimizer steps.
+
+        Args:
+            eval_every: an evaluation after every ``eval_every``-th step before the last;
+                ``None`` for none.
+            final_eval: whether one more evaluation follows the last step.
+
+        Returns:
+            :meth:`estimate` at the first call; later calls return the same number whatever
+            their arguments.
+        """
+        if self.total is not None:
+            return self.total
+        if not self.calibrated:
+            raise RuntimeError(f"not calibrated yet ({self._window_steps} timed steps): keep calling record_step()")
+        self.total = self.estimate(eval_every, final_eval)
+        return self.total

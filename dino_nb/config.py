@@ -4,17 +4,36 @@ Every default names its source: **paper** (DINO's official ViT-S/16 recipe, Caro
 2021, App. A and the official ``main_dino.py``), **tutorial** (the notebook this project
 grew from), or **ours** (a choice for ImageNette or for a CPU). ``tests/test_config.py``
 pins them, because the sources disagree and each choice must be deliberate.
+
+Each field carries its help text and its group in ``dataclasses.field(metadata=...)``;
+``dino_nb.cli`` builds the command line from them, so a new field is one edit here (plus
+its pinned default in the test).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
+
+#: Groups of fields, in the order ``--help`` lists them.
+GROUPS = ("data", "model", "optimisation", "evaluation", "run")
+
+
+def _field(default: Any, help: str, group: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help text and a ``--help`` group (mutable defaults copied)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}")
+    metadata = {"help": help, "group": group}
+    if isinstance(default, dict | list):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -26,63 +45,65 @@ class TrainConfig:
     """
 
     # --- data ---
-    data: str = "imagenette"  # ours: "imagenette" (found or downloaded), "builtin", or a folder
-    strict_data: bool = False  # ours: skip unreadable images with one warning; True makes them fatal
-    global_size: int = 224  # paper: global crops at 224
-    local_size: int = 96  # paper: local crops at 96 (the tutorial used 224 for all)
-    n_local_crops: int = 8  # paper: 8 local crops (tutorial: -c 4 crops in all, i.e. 2 local)
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # paper, with local crops
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # paper
-    gpu_augment: bool = False  # ours: run crops and colour ops on the GPU (for 2-core machines)
-    num_workers: int | None = None  # ours: None picks from the CPU count
+    data: str = _field("imagenette", "'imagenette' (found or downloaded), 'builtin', or a folder holding train/ and val/", "data")
+    strict_data: bool = _field(False, "unreadable images are fatal (default: skipped with one warning)", "data")
+    global_size: int = _field(224, "side of the global crops in pixels (paper: 224)", "data")
+    local_size: int = _field(96, "side of the local crops (paper: 96; the tutorial used 224 for all)", "data")
+    n_local_crops: int = _field(8, "local crops per image (paper: 8; the tutorial's -c counts all crops)", "data")
+    global_crops_scale: tuple[float, float] = _field((0.4, 1.0), "range of the image area a global crop covers (paper)", "data")
+    local_crops_scale: tuple[float, float] = _field((0.05, 0.4), "range of the image area a local crop covers (paper)", "data")
+    gpu_augment: bool = _field(False, "crops and colour ops on the GPU; the CPU only decodes (for 2-4 core GPU machines)", "data")
+    cache_pixels: bool = _field(False, "decode every photo once into a uint8 canvas cache and augment batches as tensors (fast on small CPUs)", "data")
+    num_workers: int | None = _field(None, "data loader workers (default: from the CPU count)", "data")
 
     # --- model ---
-    model: str = "vit_small_patch16_224"  # paper: ViT-S/16 (the tutorial's name no longer exists in timm)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # ours: extra timm kwargs (img_size, depth, ...)
-    pretrained: bool = False  # tutorial: --pretrained starts from timm's supervised weights
-    drop_path_rate: float = 0.1  # paper: stochastic depth 0.1, student only
-    out_dim: int = 65536  # paper: K = 65536 prototypes (tutorial: 1024)
-    hidden_dim: int = 2048  # paper: head MLP width (tutorial: 512)
-    bottleneck_dim: int = 256  # paper and tutorial
-    head_layers: int = 3  # paper and tutorial
-    norm_last_layer: bool = True  # paper: True is the stable choice for ViT-S (tutorial: False)
+    model: str = _field("vit_small_patch16_224", "timm model name (paper: ViT-S/16; the tutorial's name no longer exists in timm)", "model")
+    model_kwargs: dict[str, Any] = _field({}, "extra timm kwargs as JSON, e.g. '{\"img_size\": 64, \"depth\": 6}'", "model")
+    pretrained: bool = _field(False, "start from timm's supervised weights (tutorial's --pretrained)", "model")
+    drop_path_rate: float = _field(0.1, "stochastic depth of the student (paper: 0.1)", "model")
+    out_dim: int = _field(65536, "head output dimension K, the number of prototypes (paper: 65536; tutorial: 1024)", "model")
+    hidden_dim: int = _field(2048, "width of the head's MLP (paper: 2048; tutorial: 512)", "model")
+    bottleneck_dim: int = _field(256, "head bottleneck before the last layer (paper and tutorial)", "model")
+    head_layers: int = _field(3, "layers of the head's MLP (paper and tutorial)", "model")
+    norm_last_layer: bool = _field(True, "freeze the norm g of the last layer at 1 (the official default; its help says False performs better but can be unstable)", "model")
 
     # --- optimisation ---
-    batch_size: int = 64  # ours: per GPU; fits ViT-S multi-crop in 16 GB with mixed precision
-    epochs: int = 100  # paper's shortest schedule
-    max_steps: int | None = None  # ours: stop early (schedules still span `epochs`)
-    base_lr: float = 5e-4  # paper: lr = base_lr * global_batch / 256
-    min_lr: float = 1e-6  # paper: end of the cosine
-    warmup_epochs: int = 10  # paper: linear lr warmup
-    weight_decay: float = 0.04  # paper: cosine 0.04 -> 0.4
-    weight_decay_end: float = 0.4  # paper (tutorial: constant 0.4)
-    momentum_teacher: float = 0.996  # paper: cosine 0.996 -> 1 (tutorial: constant 0.9995)
-    momentum_teacher_end: float = 1.0  # paper: the teacher freezes at the end of the schedule
-    warmup_teacher_temp: float = 0.04  # paper: teacher temperature at the start
-    teacher_temp: float = 0.07  # paper's longer recipe: 0.04 -> 0.07
-    warmup_teacher_temp_epochs: int = 30  # paper's longer recipe
-    student_temp: float = 0.1  # paper and tutorial
-    center_momentum: float = 0.9  # paper and tutorial
-    clip_grad: float = 3.0  # paper (tutorial: 2.0); 0 turns clipping off
-    freeze_last_layer: int = 1  # paper: last layer's gradients cancelled in the first epoch
-    precision: Precision = "auto"  # ours: bf16 where supported, fp16 on older GPUs, fp32 on CPU
-    compile: bool = False  # ours: torch.compile the backbones (slow to start, faster after)
-    device: Device = "auto"  # tutorial's -d; auto picks CUDA when present
-    seed: int = 0  # ours
+    batch_size: int = _field(64, "images per step per process (ours: fits ViT-S multi-crop in 16 GB with mixed precision)", "optimisation")
+    epochs: int = _field(100, "length of the recipe in epochs; the schedules span it (paper's shortest schedule)", "optimisation")
+    minutes: float | None = _field(None, "wall-time budget: measure the step time, then fit the whole recipe (all schedules) into this many minutes", "optimisation")
+    max_steps: int | None = _field(None, "stop after this many steps (the schedules still span the recipe)", "optimisation")
+    base_lr: float = _field(5e-4, "learning rate for a global batch of 256, scaled linearly (paper)", "optimisation")
+    min_lr: float = _field(1e-6, "learning rate at the end of the cosine (paper)", "optimisation")
+    warmup_epochs: int = _field(10, "epochs of linear learning-rate warmup (paper)", "optimisation")
+    weight_decay: float = _field(0.04, "weight decay at the start, cosine to --weight-decay-end (paper)", "optimisation")
+    weight_decay_end: float = _field(0.4, "weight decay at the end (paper; the tutorial kept 0.4)", "optimisation")
+    momentum_teacher: float = _field(0.996, "teacher EMA momentum at the start, cosine to --momentum-teacher-end (paper; tutorial: 0.9995)", "optimisation")
+    momentum_teacher_end: float = _field(1.0, "teacher EMA momentum at the end (paper: 1)", "optimisation")
+    warmup_teacher_temp: float = _field(0.04, "teacher temperature at the start (paper)", "optimisation")
+    teacher_temp: float = _field(0.07, "teacher temperature after the warmup (paper's longer recipe)", "optimisation")
+    warmup_teacher_temp_epochs: int = _field(30, "epochs of linear teacher-temperature warmup (paper's longer recipe)", "optimisation")
+    student_temp: float = _field(0.1, "student temperature (paper and tutorial)", "optimisation")
+    center_momentum: float = _field(0.9, "EMA rate of the teacher's center (paper and tutorial)", "optimisation")
+    clip_grad: float = _field(3.0, "per-tensor gradient norm limit, 0 turns it off (paper: 3; tutorial: 2)", "optimisation")
+    freeze_last_layer: int = _field(1, "epochs during which the last layer's gradients are cancelled (paper)", "optimisation")
+    precision: Precision = _field("auto", "auto: bf16 where supported, fp16 on older GPUs, fp32 on the CPU", "optimisation")
+    compile: bool = _field(False, "torch.compile the backbones (slow to start, faster after)", "optimisation")
+    device: Device = _field("auto", "auto picks CUDA when present (tutorial's -d)", "optimisation")
+    seed: int = _field(0, "seed of the weights, the order and the augmentations", "optimisation")
 
     # --- evaluation, logging, checkpoints ---
-    eval_every: int = 1000  # tutorial's --logging-freq (was 200 steps over the whole train set)
-    eval_train_subset: int = 5000  # ours: kNN memory bank size; keeps evaluation under ~10% of time
-    batch_size_eval: int = 128  # tutorial: 64
-    knn_k: int = 20  # paper: k = 20
-    knn_temperature: float = 0.07  # paper
-    projector_size: int = 200  # ours: validation images sent to TensorBoard's projector (0: off)
-    log_every: int = 10  # ours: steps between lines of metrics.jsonl
-    save_every: int = 1000  # ours: steps between checkpoints (also at each epoch's end)
-    out: str | None = None  # ours: run folder; default runs/<timestamp>
-    tensorboard_dir: str | None = None  # tutorial's -t; default: the run folder
-    resume: str = "auto"  # ours: "auto" (resume when `out` holds a checkpoint), "never", or a path
-    progress: bool = True  # ours: tqdm progress bar
+    eval_every: int = _field(1000, "steps between kNN evaluations (tutorial's --logging-freq)", "evaluation")
+    eval_train_subset: int = _field(5000, "training images in the kNN memory bank during training", "evaluation")
+    batch_size_eval: int = _field(128, "images per evaluation batch (tutorial: 64)", "evaluation")
+    knn_k: int = _field(20, "neighbours of the weighted kNN (paper: 20)", "evaluation")
+    knn_temperature: float = _field(0.07, "temperature of the weighted kNN votes (paper)", "evaluation")
+    projector_size: int = _field(200, "validation images sent to TensorBoard's projector at the end (0: off)", "evaluation")
+    log_every: int = _field(10, "steps between lines of metrics.jsonl (and loss checks)", "run")
+    save_every: int = _field(1000, "steps between checkpoints (also at each epoch's end)", "run")
+    out: str | None = _field(None, "run folder (default runs/<timestamp>); resumes when it holds a checkpoint", "run")
+    tensorboard_dir: str | None = _field(None, "TensorBoard folder (default: the run folder; tutorial's -t)", "run")
+    resume: str = _field("auto", "'auto' (resume when --out holds a checkpoint), 'never', or a checkpoint path", "run")
+    progress: bool = _field(True, "show a progress bar", "run")
 
     @property
     def n_crops(self) -> int:
@@ -109,6 +130,54 @@ class TrainConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse contradictory or impossible settings before any work starts.
+
+    Raises:
+        ValueError: one message listing every problem found.
+    """
+    problems = []
+    for name in ("batch_size", "epochs", "eval_every", "log_every", "save_every", "out_dim", "global_size", "local_size"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 0:
+        problems.append(f"max_steps must be >= 0, got {cfg.max_steps}")
+    if cfg.minutes is not None and not (math.isfinite(cfg.minutes) and cfg.minutes > 0):
+        problems.append(f"minutes must be a positive number, got {cfg.minutes}")
+    if cfg.n_local_crops < 0:
+        problems.append(f"n_local_crops must be >= 0 (2 global crops + n_local_crops), got {cfg.n_local_crops}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        problems.append(f"warmup_epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
+    if not 0 <= cfg.warmup_teacher_temp_epochs <= cfg.epochs:
+        problems.append(
+            f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) must be between 0 and epochs ({cfg.epochs})"
+        )
+    if not 0 <= cfg.freeze_last_layer <= cfg.epochs:
+        problems.append(f"freeze_last_layer ({cfg.freeze_last_layer}) must be between 0 and epochs ({cfg.epochs})")
+    for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp", "base_lr"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(cfg, name)
+        if not 0 < low <= high <= 1:
+            problems.append(f"{name} must be 0 < low <= high <= 1, got {getattr(cfg, name)}")
+    if cfg.clip_grad < 0:
+        problems.append(f"clip_grad must be >= 0 (0 turns it off), got {cfg.clip_grad}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append(f"unknown precision {cfg.precision!r}; use auto, fp32, bf16 or fp16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"unknown device {cfg.device!r}; use auto, cpu or cuda")
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        problems.append("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
+        problems.append(f"--resume checkpoint not found: {cfg.resume}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 #: Overrides of the defaults per preset. ``imagenette`` is the defaults themselves.
@@ -153,9 +222,11 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` for a named preset, with ``overrides`` applied on top.
 
     Raises:
-        ValueError: for an unknown preset name or field.
+        ValueError: for an unknown preset name or field, or settings that contradict each other.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     values = {**PRESETS[name], **overrides}
-    return TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values)
+    validate(cfg)
+    return cfg

@@ -29,6 +29,25 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32.
+
+    ``auto`` picks bf16 on GPUs that support it (Ampere and newer), fp16 on older ones
+    (T4, P100, V100) and fp32 on the CPU.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+        return torch.bfloat16 if precision == "bf16" else None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use --precision fp16 or auto")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def launched_by_torchrun() -> bool:
     """``torchrun`` sets ``WORLD_SIZE`` and ``RANK`` for every process it starts."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

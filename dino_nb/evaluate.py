@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .augment import denormalize
+from .data import make_loader
 
 #: The paper's k sweep for the weighted kNN (Caron et al. 2021, App. B / Wu et al. 2018).
 PAPER_KS = (10, 20, 100, 200)
@@ -41,10 +43,9 @@ PAPER_KS = (10, 20, 100, 200)
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """Mixed-precision dtype for inference: bf16 on GPUs that have it, else fp16; none on CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from .distributed import resolve_precision
+
+    return resolve_precision("auto", torch.device(device))
 
 
 def unwrap_backbone(model: nn.Module) -> nn.Module:
@@ -401,6 +402,47 @@ def linear_probe(
 # --------------------------------------------------------------------------- command line
 
 
+class KnnEvaluator:
+    """Weighted kNN (and the tutorial's sklearn kNN) on a fixed subset of plain train, and val.
+
+    Used during training (``cfg`` is the run's :class:`~dino_nb.config.TrainConfig`: its
+    ``seed``, ``eval_train_subset``, ``batch_size_eval``, ``knn_k`` and ``knn_temperature``).
+
+    The subsets are drawn once with their own generator, so evaluation costs the same every
+    time, never touches the training random state, and its numbers are comparable across
+    steps.
+    """
+
+    def __init__(self, bundle: Any, cfg: Any, num_workers: int = 0, pin_memory: bool = False) -> None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_train = len(bundle.train_plain)
+        subset = torch.randperm(n_train, generator=g)[: cfg.eval_train_subset].sort().values.tolist()
+        self.train_loader = make_loader(
+            torch.utils.data.Subset(bundle.train_plain, subset),
+            cfg.batch_size_eval,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator(),
+        )
+        self.val_loader = make_loader(
+            bundle.val_plain,
+            cfg.batch_size_eval,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator(),
+        )
+        self.k = cfg.knn_k
+        self.temperature = cfg.knn_temperature
+        self.num_classes = len(bundle.classes)
+
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        """Scores of ``backbone``: weighted kNN top-1/top-5 and the sklearn kNN accuracy."""
+        x_train, y_train = extract_features(backbone, self.train_loader)  # autocast on a GPU
+        x_val, y_val = extract_features(backbone, self.val_loader)
+        top1, top5 = weighted_knn(x_train, y_train, x_val, y_val, self.k, self.temperature, self.num_classes)
+        return {"knn_top1": top1, "knn_top5": top5, "knn_sklearn": sklearn_knn_accuracy(x_train, y_train, x_val, y_val)}
+
+
 class _Images:
     """Lazy ``[0, 1]`` images of a dataset of normalised tensors, indexable like a list."""
 
@@ -455,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dino_nb.evaluate``; returns the exit code."""
     args = _parse_args(argv)
     from .checkpoint import load
-    from .data import build_datasets, make_loader, plain_transform
+    from .data import build_datasets, plain_transform
     from .models import backbone_from_checkpoint, is_vit
 
     # set-up: every problem with the inputs is one clean line and exit code 2

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 
-class Head(nn.Module):
+class DINOHead(nn.Module):
     """Projection head put on the backbone's CLS embedding.
 
     ``x -> MLP -> L2-normalise -> weight-normalised Linear (no bias) -> logits``. The last
@@ -83,3 +83,7 @@ class Head(nn.Module):
         x = self.mlp(x)  # (n_samples, bottleneck_dim)
         x = nn.functional.normalize(x, dim=-1, p=2)  # (n_samples, bottleneck_dim)
         return self.last_layer(x)  # (n_samples, out_dim)
+
+
+#: The tutorial's name for :class:`DINOHead`.
+Head = DINOHead

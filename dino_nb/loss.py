@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Loss(nn.Module):
+class DINOLoss(nn.Module):
     r"""Self-distillation loss with centering and sharpening (DINO, Eq. 1-4).
 
     For teacher view :math:`t` and student view :math:`s \ne t`,
@@ -105,3 +105,7 @@ class Loss(nn.Module):
             count *= dist.get_world_size()
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+#: The tutorial's name for :class:`DINOLoss`.
+Loss = DINOLoss

@@ -8,7 +8,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from .head import Head
+from .head import DINOHead
 from .multicrop import MultiCropWrapper
 
 #: Names that DINO users reach for; the tutorial's ``vit_deit_small_patch16_224`` is gone
@@ -90,11 +90,9 @@ def build_student_teacher(
     teacher_backbone = build_backbone(name, pretrained, **model_kwargs)
     dim = student_backbone.num_features
 
-    def head(norm: bool) -> Head:
-        return Head(dim, out_dim, hidden_dim, bottleneck_dim, n_layers, norm_last_layer=norm)
-
-    student = MultiCropWrapper(student_backbone, head(norm_last_layer))
-    teacher = MultiCropWrapper(teacher_backbone, head(norm_last_layer))
+    head_args = (dim, out_dim, hidden_dim, bottleneck_dim, n_layers)
+    student = MultiCropWrapper(student_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)

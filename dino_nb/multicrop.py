@@ -35,7 +35,7 @@ class MultiCropWrapper(nn.Module):
         backbone: a module mapping ``(n, 3, H, W)`` to ``(n, in_dim)``; a timm model built
             with ``num_classes=0``. A timm model that still has a classifier gets it
             removed with ``reset_classifier(0)``, as the tutorial replaced its ``head``.
-        new_head: the DINO :class:`~dino_nb.head.Head` put on top.
+        new_head: the DINO :class:`~dino_nb.head.DINOHead` put on top.
     """
 
     def __init__(self, backbone: nn.Module, new_head: nn.Module) -> None:

@@ -1,12 +1,20 @@
 """Per-iteration schedules of the official DINO recipe.
 
 Learning rate, weight decay and teacher momentum follow :func:`cosine_schedule`; the
-teacher temperature follows :func:`linear_warmup_schedule`.
+teacher temperature follows :func:`linear_warmup_schedule`. :class:`Schedules` bundles
+all of them for one run and hands :func:`dino_nb.engine.train_step` the values of one
+iteration as a :class:`StepValues`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 def cosine_schedule(
@@ -55,8 +63,9 @@ def linear_warmup_schedule(
 ) -> np.ndarray:
     """Linear ramp from ``warmup_value`` to ``final_value`` over ``warmup_epochs``, then constant.
 
-    DINO warms the teacher temperature up from 0.04 to 0.07 over 30 epochs: a teacher
-    that is too sharp early makes training unstable.
+    DINO warms the teacher temperature up from 0.04 to 0.07 over 30 epochs. The official
+    code's comment gives the reason: a temperature that is too high makes training
+    unstable at the beginning, so the teacher starts sharp (0.04) and loosens later.
 
     Returns:
         float64 array of length ``epochs * niter_per_ep``.
@@ -70,3 +79,72 @@ def linear_warmup_schedule(
     # a warmup longer than the run is cut off where the run ends, not squeezed into it
     ramp = np.linspace(warmup_value, final_value, warmup_iters)[:total]
     return np.concatenate((ramp, np.full(total - len(ramp), float(final_value))))
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The scheduled values of one iteration.
+
+    Attributes:
+        lr: learning rate of every parameter group.
+        weight_decay: weight decay of the decayed group (biases and norms get none).
+        momentum: teacher EMA momentum after the step.
+        teacher_temp: teacher temperature of the loss.
+        freeze_last_layer: cancel the last layer's gradients in this step.
+    """
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool
+
+
+class Schedules:
+    """Every schedule of a run, one value per iteration, spanning ``total_steps``.
+
+    The recipe is written in epochs (``cfg.epochs``, ``warmup_epochs``, ...). Here it is
+    laid over ``total_steps`` iterations: each epoch-valued setting becomes the same
+    fraction of the run. With ``total_steps = cfg.epochs * steps_per_epoch`` that is the
+    official recipe exactly; a time budget (``--minutes``) picks another ``total_steps``
+    and the whole recipe (warmups, cosines, the last-layer freeze) stretches or shrinks
+    with it.
+
+    Args:
+        cfg: the run's configuration.
+        total_steps: iterations the schedules span.
+        global_batch: images per iteration over all processes (scales the lr linearly).
+    """
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, global_batch: int) -> None:
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        self.total_steps = int(total_steps)
+
+        def frac(epochs: float) -> float:  # an epoch count as a fraction of the recipe
+            return epochs / cfg.epochs
+
+        n = self.total_steps
+        peak_lr = cfg.base_lr * global_batch / 256  # the linear scaling rule (Goyal et al. 2017)
+        self.lr = cosine_schedule(peak_lr, cfg.min_lr, 1, n, frac(cfg.warmup_epochs))
+        self.weight_decay = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, 1, n)
+        self.momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, 1, n)
+        self.teacher_temp = linear_warmup_schedule(
+            cfg.warmup_teacher_temp, cfg.teacher_temp, 1, n, frac(cfg.warmup_teacher_temp_epochs)
+        )
+        self.freeze_steps = int(round(frac(cfg.freeze_last_layer) * n))
+        self.warmup_steps = int(round(frac(cfg.warmup_epochs) * n))  # of the learning rate
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __getitem__(self, step: int) -> StepValues:
+        """Values of iteration ``step``; past the end, those of the last iteration."""
+        i = min(step, self.total_steps - 1)
+        return StepValues(
+            lr=float(self.lr[i]),
+            weight_decay=float(self.weight_decay[i]),
+            momentum=float(self.momentum[i]),
+            teacher_temp=float(self.teacher_temp[i]),
+            freeze_last_layer=step < self.freeze_steps,
+        )

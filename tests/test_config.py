@@ -19,6 +19,7 @@ EXPECTED_DEFAULTS = {
     "global_crops_scale": (0.4, 1.0),  # paper
     "local_crops_scale": (0.05, 0.4),  # paper
     "gpu_augment": False,
+    "cache_pixels": False,
     "num_workers": None,
     # model
     "model": "vit_small_patch16_224",  # paper's ViT-S/16
@@ -33,6 +34,7 @@ EXPECTED_DEFAULTS = {
     # optimisation
     "batch_size": 64,
     "epochs": 100,
+    "minutes": None,
     "max_steps": None,
     "base_lr": 5e-4,  # paper, scaled by global batch / 256
     "min_lr": 1e-6,
@@ -114,10 +116,17 @@ def test_cpu_preset():
 
 
 def test_preset_overrides():
-    cfg = preset("cpu", epochs=1, seed=3)
-    assert cfg.epochs == 1 and cfg.seed == 3 and cfg.data == "builtin"
+    cfg = preset("cpu", epochs=3, seed=3)
+    assert cfg.epochs == 3 and cfg.seed == 3 and cfg.data == "builtin"
     with pytest.raises(ValueError, match="bogus"):
         preset("cpu", bogus=1)
+
+
+def test_preset_refuses_contradictions_early():
+    with pytest.raises(ValueError, match=r"warmup_epochs \(2\) must be between 0 and epochs \(1\)"):
+        preset("cpu", epochs=1)
+    with pytest.raises(ValueError, match="minutes must be a positive number"):
+        preset("cpu", minutes=0)
 
 
 def test_unknown_preset_raises():

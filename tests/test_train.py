@@ -17,10 +17,12 @@ import torch
 
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.config import preset
+from dino_nb.distributed import DistInfo, resolve_precision
+from dino_nb.engine import build_run, build_training_data, seed_everything, train_step
 from dino_nb.loss import Loss
 from dino_nb.models import build_student_teacher
 from dino_nb.synthetic import generate
-from dino_nb.train import NonFiniteLossError, export_backbone, resolve_precision, train
+from dino_nb.train import NonFiniteLossError, export_backbone, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +48,7 @@ TINY = dict(
     drop_path_rate=0.1,
     momentum_teacher=0.996,  # the paper's schedule, cosine to 1
     momentum_teacher_end=1.0,
+    minutes=None,
 )
 
 
@@ -65,7 +68,7 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in lines if "loss" in r]
 
 
-def test_train_writes_run_folder_and_learns_shapes(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_writes_run_folder_logs_and_schedules(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", projector_size=20)
     result = train(cfg)
     assert result.steps == 10 and not result.interrupted
@@ -75,6 +78,11 @@ def test_train_writes_run_folder_and_learns_shapes(tiny_data: Path, tmp_path: Pa
     assert [r["step"] for r in step_lines] == list(range(1, 11))
     for key in ("lr", "wd", "momentum", "teacher_temp", "epoch", "images_per_s"):
         assert key in step_lines[0]
+    for r in step_lines:  # collapse signals on every logged step, in nats
+        assert 0.0 <= r["teacher_entropy"] <= math.log(TINY["out_dim"]) + 1e-4
+        assert 0.0 <= r["batch_entropy"] <= math.log(TINY["out_dim"]) + 1e-4
+        assert r["teacher_entropy"] <= r["batch_entropy"] + 1e-4  # entropy is concave
+        assert r["kl"] >= -1e-5
     eval_lines = [r for r in records if "knn_top1" in r]
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in eval_lines)
     # schedules: lr warms up over the first epoch, weight decay grows, momentum grows
@@ -127,6 +135,43 @@ def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
         for key in a[which]:
             assert torch.equal(a[which][key], b[which][key]), f"{which} {key} differs after resume"
     assert torch.equal(a["loss"]["center"], b["loss"]["center"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_time_budget_fixes_the_step_count_and_resume_is_exact(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--minutes: a fake clock where each step takes 1 s; 1 minute fits 58 steps, resumed exactly."""
+    import dino_nb.train as train_module
+
+    now = {"t": 0.0}
+    original = train_module.train_step
+
+    def one_second_step(*args, **kwargs):
+        now["t"] += 1.0
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "clock", lambda: now["t"])
+    monkeypatch.setattr(train_module, "train_step", one_second_step)
+    # TimeBudget's defaults decide at 25% of the budget (step 15) and keep a 2% margin:
+    # 15 + floor((0.98 * 60 - 15) / 1) = 58 steps; evaluations take 0 s on this clock
+    straight = train(tiny_config(tiny_data, tmp_path / "straight", minutes=1.0))
+    assert straight.steps == straight.total_steps == 58
+    state = ckpt_io.load(straight.checkpoint)
+    assert state["total_steps"] == 58 and state["schedule_fixed"]
+    lr = [r["lr"] for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert max(lr) == lr[int(round(58 * TINY["warmup_epochs"] / TINY["epochs"])) - 1]  # warmup: half the run
+
+    now["t"] = 0.0
+    first = train(tiny_config(tiny_data, tmp_path / "split", minutes=1.0, max_steps=20))
+    assert first.steps == 20 and first.total_steps == 58
+    now["t"] = 0.0
+    second = train(tiny_config(tiny_data, tmp_path / "split", minutes=1.0))
+    assert second.steps == 58
+    a, b = ckpt_io.load(straight.checkpoint), ckpt_io.load(second.checkpoint)
+    for which in ("student", "teacher"):
+        for key in a[which]:
+            assert torch.equal(a[which][key], b[which][key]), f"{which} {key} differs after resume"
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
 
 
@@ -185,12 +230,36 @@ def test_export_backbone_round_trip(tiny_data: Path, tmp_path: Path) -> None:
     assert torch.equal(state["blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"])
 
 
-def test_best_model_holds_state_dicts(tiny_data: Path, tmp_path: Path) -> None:
-    train(tiny_config(tiny_data, tmp_path / "run", eval_every=5))
+def test_best_model_is_the_best_evaluation_after_step_0(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path / "run", eval_every=2))
+    later = [(knn, step) for step, knn in result.knn_history if step > 0]
+    assert len(later) == 5
     best = tmp_path / "run" / ckpt_io.BEST
-    if best.exists():  # only written when kNN improved over step 0
-        state = ckpt_io.load(best)
-        assert isinstance(state["teacher"], dict) and 0 <= state["knn_top1"] <= 1
+    best_knn, best_step = max(later, key=lambda x: (x[0], -x[1]))  # the first of equal scores
+    assert best.exists(), "best_model.pth is written at the first evaluation after step 0"
+    state = ckpt_io.load(best)
+    assert state["step"] == best_step and state["knn_top1"] == pytest.approx(best_knn)
+    assert set(state) == {"student", "teacher", "config", "step", "knn_top1"}
+    assert isinstance(state["teacher"], dict) and result.best_knn == pytest.approx(best_knn)
+
+
+def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path) -> None:
+    """Three calls of the shipped train_step equal three steps of train(), bit for bit."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=3)
+    state = ckpt_io.load(train(cfg).checkpoint)
+
+    seed_everything(cfg.seed)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    data = build_training_data(cfg, info)
+    run = build_run(cfg, info, data.steps_per_epoch)
+    batches = data.batches(0)
+    for step in range(3):
+        _, images = next(batches)
+        train_step(run, data.crops(images, step, run.device, cfg.seed), run.schedules[step])
+    for which, module in (("student", run.student_module), ("teacher", run.teacher)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, state[which][key]), f"{which} {key}"
+    assert torch.equal(run.loss.center, state["loss"]["center"])
 
 
 @pytest.mark.parametrize(

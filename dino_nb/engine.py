@@ -1,0 +1,304 @@
+"""One DINO step, and the run state it acts on.
+
+:func:`train_step` is the paper's Algorithm 1 for one batch: the teacher sees the two global
+crops, the student sees all crops, the loss compares every teacher view with every other
+student view, then backward, per-tensor clipping, the last-layer freeze, the optimizer
+step and the EMA update of the teacher. :func:`build_run` makes everything it needs from a
+:class:`~dino_nb.config.TrainConfig` and :func:`build_training_data` the batches;
+:func:`dino_nb.train.train` loops over them, and
+``benchmarks/bench_step.py`` and notebook 04 call the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .augment import DataAugmentation, normalize_uint8
+from .config import TrainConfig
+from .data import DatasetBundle, build_datasets, collate_crops, make_loader
+from .distributed import DistInfo, pick_device, resolve_precision
+from .gpu_augment import DecodeResize, GPUMultiCrop
+from .loss import DINOLoss
+from .models import build_student_teacher
+from .multicrop import MultiCropWrapper
+from .optim import cancel_gradients, clip_gradients, ema_update, param_groups
+from .sampling import SeededDataset, TrainSampler, sample_seed
+from .schedules import Schedules, StepValues
+from .signals import collapse_signals
+
+
+@dataclass
+class StepOutput:
+    """What one step returns, still on the device (reading it forces a sync).
+
+    Attributes:
+        loss: the DINO loss of the batch, a 0-dim tensor.
+        signals: collapse signals (``teacher_entropy``, ``batch_entropy``, ``kl``) as 0-dim
+            tensors, when the step was asked for them.
+    """
+
+    loss: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What a DINO run trains: student, teacher, loss, optimizer and the schedules.
+
+    Attributes:
+        cfg: the configuration it was built from.
+        info: rank, world size and device of this process.
+        student: what forward and backward run through (DDP-wrapped on several processes).
+        student_module: the plain student, for clipping, EMA and checkpoints.
+        teacher: the EMA teacher; never in the optimizer.
+        loss: the DINO loss, with its center buffer.
+        optimizer: AdamW over the student (two groups: decayed and not).
+        scaler: fp16 loss scaler (a no-op otherwise).
+        amp_dtype: autocast dtype, ``None`` for fp32.
+        steps_per_epoch: optimizer steps in one pass over the training set.
+        schedules: values per iteration; replaced when a time budget fixes the length.
+    """
+
+    cfg: TrainConfig
+    info: DistInfo
+    student: nn.Module
+    student_module: MultiCropWrapper
+    teacher: MultiCropWrapper
+    loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    schedules: Schedules
+
+    @property
+    def device(self) -> torch.device:
+        """The device of this process."""
+        return self.info.device
+
+    @property
+    def global_batch(self) -> int:
+        """Images per step over all processes."""
+        return self.cfg.batch_size * self.info.world_size
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward pass, or nothing in fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def checkpoint(self, step: int, **extra: Any) -> dict[str, Any]:
+        """The state to save: weights, optimizer, loss center, step, config (``weights_only``-safe)."""
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss.state_dict(),
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "config": self.cfg.to_dict(),
+            **extra,
+        }
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint` for the weights, the optimizer and the loss."""
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss.load_state_dict(state["loss"])
+
+
+@dataclass
+class TrainingData:
+    """The data side of a run: datasets, the multi-crop loader and where crops are made.
+
+    Attributes:
+        bundle: the datasets (augmented train, plain train and val).
+        loader: multi-crop training batches.
+        sampler: order and augmentation seeds of every epoch.
+        gpu_aug: crops made on the device (``--gpu-augment``), else ``None``.
+    """
+
+    bundle: DatasetBundle
+    loader: DataLoader
+    sampler: TrainSampler
+    gpu_aug: GPUMultiCrop | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training set."""
+        return self.sampler.steps_per_epoch
+
+    def batches(self, start_step: int) -> Iterator[tuple[int, Any]]:
+        """``(epoch, images)`` forever, from iteration ``start_step`` on (exact resume)."""
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch, skip)
+            for images, _ in self.loader:
+                yield epoch, images
+            epoch, skip = epoch + 1, 0
+
+    def crops(self, images: Any, step: int, device: torch.device, seed: int, rank: int = 0) -> list[torch.Tensor]:
+        """A loader batch as normalised crops on ``device``.
+
+        Args:
+            images: ``n_crops`` x ``(B, 3, s, s)`` uint8 crops (PIL path), ``(B, 3, C, C)``
+                uint8 canvases (``--gpu-augment``), or ``n_crops`` float crops that are
+                already normalised (the pixel-cache path).
+            step: the iteration; with ``seed`` and ``rank`` it seeds the device-side crops.
+            device: where the model runs.
+            seed: the run's seed.
+            rank: this process's rank.
+        """
+        if self.gpu_aug is not None:
+            generator = torch.Generator(device).manual_seed(sample_seed(seed, step, rank))
+            return self.gpu_aug(images.to(device, non_blocking=True), generator)
+        crops = [c.to(device, non_blocking=True) for c in images]
+        return [normalize_uint8(c) if c.dtype == torch.uint8 else c for c in crops]
+
+
+def train_step(run: Run, crops: Sequence[torch.Tensor], values: StepValues, signals: bool = False) -> StepOutput:
+    """One DINO iteration on one batch of crops; nothing here waits for the device.
+
+    Args:
+        run: the run state (models, loss, optimizer, scaler).
+        crops: ``[global 1, global 2, local 1, ...]``, each ``(B, 3, s, s)`` normalised, on the device.
+        values: this iteration's lr, weight decay, teacher momentum and temperature, freeze flag.
+        signals: also return the collapse signals (entropies and KL) of this batch.
+    """
+    for i, group in enumerate(run.optimizer.param_groups):  # group 0 is decayed, group 1 is not
+        group["lr"] = values.lr
+        group["weight_decay"] = values.weight_decay if i == 0 else 0.0
+    run.loss.teacher_temp = values.teacher_temp
+    with run.autocast():
+        teacher_out = run.teacher(crops[:2])  # 2 x (B, K): the teacher sees only the global crops
+        student_out = run.student(crops)  # n_crops x (B, K)
+        targets = run.loss.teacher_probs(teacher_out) if signals else None  # before the center moves
+        loss = run.loss(student_out, teacher_out)  # also moves the center
+    found = collapse_signals(targets, loss) if targets is not None else {}
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.clip_grad > 0:
+        run.scaler.unscale_(run.optimizer)
+        clip_gradients(run.student_module, run.cfg.clip_grad)
+    if values.freeze_last_layer:
+        cancel_gradients(run.student_module.new_head.last_layer.parameters())
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    ema_update(run.teacher, run.student_module, values.momentum)  # teacher <- m teacher + (1 - m) student
+    return StepOutput(loss.detach(), found)
+
+
+# ----------------------------------------------------------------------------- building a run
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Data workers: all cores but one on a GPU machine (capped at 8).
+
+    On a CPU the cores also run the model, so one worker prepares batches beside it.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 1 if cores >= 2 else 0
+
+
+def build_training_data(cfg: TrainConfig, info: DistInfo) -> TrainingData:
+    """Datasets, the multi-crop loader, its sampler and (``--gpu-augment``) the device-side crops."""
+    augmentation = DataAugmentation(
+        cfg.global_crops_scale,
+        cfg.local_crops_scale,
+        cfg.n_local_crops,
+        cfg.global_size,
+        cfg.local_size,
+        normalize=False,  # uint8 crops; normalised on the device after the copy
+    )
+    bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
+    gpu_aug, collate = None, collate_crops
+    if cfg.gpu_augment:  # the CPU only decodes and resizes to a square canvas
+        gpu_aug = GPUMultiCrop.from_augmentation(augmentation)
+        train_set, collate = bundle.train_plain.with_transform(DecodeResize(round(cfg.global_size * 256 / 224))), None
+    else:
+        train_set = bundle.train_aug
+    workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
+    sampler = TrainSampler(len(train_set), cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    loader = make_loader(
+        SeededDataset(train_set),
+        cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
+        generator=torch.Generator(),
+    )
+    return TrainingData(bundle, loader, sampler, gpu_aug)
+
+
+def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: int = 1) -> Run:
+    """Build student, teacher, loss, optimizer and schedules from ``cfg`` (seeded by ``cfg.seed``).
+
+    Args:
+        cfg: the configuration.
+        info: the process (rank, world size, device); default one process on ``cfg.device``.
+        steps_per_epoch: steps in one epoch of the data (``TrainingData.steps_per_epoch``);
+            the schedules span ``cfg.epochs`` of them until a time budget replaces them.
+    """
+    info = info or DistInfo(0, 1, 0, pick_device(cfg.device))
+    amp_dtype = resolve_precision(cfg.precision, info.device)
+    seed_everything(cfg.seed)  # the same on every rank: the teachers must start equal too
+    student, teacher = build_student_teacher(
+        cfg.model,
+        cfg.out_dim,
+        pretrained=cfg.pretrained,
+        hidden_dim=cfg.hidden_dim,
+        bottleneck_dim=cfg.bottleneck_dim,
+        n_layers=cfg.head_layers,
+        norm_last_layer=cfg.norm_last_layer,
+        drop_path_rate=cfg.drop_path_rate,
+        model_kwargs=cfg.model_kwargs,
+    )
+    student, teacher = student.to(info.device), teacher.to(info.device)
+    teacher.eval()
+    if info.enabled:  # from here on each rank draws its own drop-path masks
+        seed_everything(cfg.seed + info.rank)
+    if cfg.compile:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    wrapped: nn.Module = student
+    if info.enabled:
+        wrapped = DistributedDataParallel(student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    global_batch = cfg.batch_size * info.world_size
+    return Run(
+        cfg=cfg,
+        info=info,
+        student=wrapped,
+        student_module=student,
+        teacher=teacher,
+        loss=DINOLoss(cfg.out_dim, cfg.warmup_teacher_temp, cfg.student_temp, cfg.center_momentum).to(info.device),
+        optimizer=torch.optim.AdamW(param_groups(student)),  # lr and wd are set every step
+        scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=steps_per_epoch,
+        schedules=Schedules(cfg, cfg.epochs * steps_per_epoch, global_batch),
+    )

@@ -1,0 +1,106 @@
+"""The training CLI is generated from TrainConfig: every field is settable, nothing drifts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dino_nb.cli import TUTORIAL_ALIASES, build_parser, config_from_args
+from dino_nb.config import GROUPS, TrainConfig
+
+
+def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
+    """Command-line words that set field ``f`` to a value other than its default, and that value."""
+    default = TrainConfig().to_dict()[f.name]
+    flag = "--" + f.name.replace("_", "-")
+    special = {
+        "data": "builtin",
+        "precision": "fp32",
+        "device": "cpu",
+        "resume": "never",
+        "model": "vit_tiny_patch16_224",
+        "model_kwargs": {"depth": 2},
+        "global_crops_scale": (0.5, 0.9),
+        "local_crops_scale": (0.1, 0.3),
+        "out": "runs/x",
+        "tensorboard_dir": "tb",
+    }
+    if f.name in special:
+        value = special[f.name]
+    elif isinstance(default, bool):
+        return ([flag] if not default else ["--no-" + flag[2:]]), not default
+    elif f.name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
+        value = 0
+    elif f.name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
+        value = 0.5
+    elif f.name == "minutes":
+        value = 2.5
+    elif default is None or isinstance(default, int | float):
+        value = (default or 0) + 3
+    else:
+        raise AssertionError(f"the test does not know how to set {f.name}: add it")
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)], value
+    if isinstance(value, tuple):
+        return [flag, *map(str, value)], value
+    return [flag, str(value)], value
+
+
+@pytest.mark.parametrize("f", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_field_is_settable_from_the_command_line(f: dataclasses.Field) -> None:
+    words, value = _non_default(f)
+    cfg, _ = config_from_args(["--preset", "imagenette", *words])
+    assert getattr(cfg, f.name) == value
+    assert type(getattr(cfg, f.name)) is type(value)
+
+
+def test_every_field_has_help_and_a_group() -> None:
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help") and f.metadata.get("group") in GROUPS, f.name
+    text = build_parser().format_help()
+    for group in GROUPS:
+        assert f"\n{group}:" in text
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_tutorial_short_options() -> None:
+    cfg, _ = config_from_args(
+        ["--preset", "imagenette", "-b", "16", "-d", "cpu", "-l", "50", "-e", "37", "-o", "512", "-t", "tb", "-w", "0.1", "-c", "6"]
+    )
+    assert (cfg.batch_size, cfg.device, cfg.eval_every, cfg.epochs, cfg.out_dim) == (16, "cpu", 50, 37, 512)
+    assert (cfg.tensorboard_dir, cfg.weight_decay, cfg.n_local_crops) == ("tb", 0.1, 4)
+    assert set(TUTORIAL_ALIASES) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg, _ = config_from_args(["--preset", "imagenette", "--logging-freq", "9", "--n-epochs", "31"])
+    assert (cfg.eval_every, cfg.epochs) == (9, 31)
+
+
+def test_only_given_options_override_the_preset() -> None:
+    cfg, _ = config_from_args(["--preset", "cpu"])
+    from dino_nb.config import preset
+
+    assert cfg == preset("cpu")
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["-c", "1"], "at least 2"),
+        (["--model-kwargs", "[1, 2]"], "JSON object"),
+        (["--model-kwargs", "{depth"], "not valid JSON"),
+        (["--precision", "fp8"], "invalid choice"),
+        (["--resume", "x.pth", "--no-resume"], "contradict"),
+    ],
+)
+def test_bad_options_are_one_clear_error(words, message, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        config_from_args(["--preset", "imagenette", *words])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_contradictory_values_are_refused_by_the_config() -> None:
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        config_from_args(["--preset", "imagenette", "--epochs", "2", "--warmup-epochs", "5"])
