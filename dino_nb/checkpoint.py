@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import tempfile
 import warnings
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 #: File names inside a run folder.
@@ -207,3 +209,27 @@ def backbone_state_dict(
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state[which].items() if k.startswith(prefix)}
     return weights, state["config"]
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states, in forms that ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -212,6 +212,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def single_process(cfg: TrainConfig) -> DistInfo:
+    """One process on ``cfg.device``: what a notebook or a benchmark runs as."""
+    return DistInfo(0, 1, 0, pick_device(cfg.device))
+
+
 def default_num_workers(device: torch.device) -> int:
     """Data workers: all cores but one on a GPU machine (capped at 8).
 
@@ -223,8 +228,14 @@ def default_num_workers(device: torch.device) -> int:
     return 1 if cores >= 2 else 0
 
 
-def build_training_data(cfg: TrainConfig, info: DistInfo) -> TrainingData:
-    """Datasets, the multi-crop loader, its sampler and (``--gpu-augment``) the device-side crops."""
+def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> TrainingData:
+    """Datasets, the multi-crop loader, its sampler and (``--gpu-augment``) the device-side crops.
+
+    Args:
+        cfg: the configuration.
+        info: the process (rank, world size, device); default one process on ``cfg.device``.
+    """
+    info = info or single_process(cfg)
     augmentation = DataAugmentation(
         cfg.global_crops_scale,
         cfg.local_crops_scale,
@@ -264,7 +275,7 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
         steps_per_epoch: steps in one epoch of the data (``TrainingData.steps_per_epoch``);
             the schedules span ``cfg.epochs`` of them until a time budget replaces them.
     """
-    info = info or DistInfo(0, 1, 0, pick_device(cfg.device))
+    info = info or single_process(cfg)
     amp_dtype = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed)  # the same on every rank: the teachers must start equal too
     student, teacher = build_student_teacher(
