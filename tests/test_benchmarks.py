@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures_data import make_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,48 @@ def test_bench_augment_rejects_a_malformed_photo_size():
     )
     assert result.returncode == 2
     assert "--photos must look like 500x375" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_loader_quick_prints_three_paths_and_the_step(tmp_path):
+    data = make_folder(tmp_path / "data", n_train=12, n_val=2, size=(40, 30))  # 24 train images
+    args = [
+        "--quick",
+        "--data",
+        str(data),
+        "--batch",
+        "8",
+        "--global-size",
+        "16",
+        "--local-size",
+        "8",
+    ]
+    args += ["--n-local", "2", "--canvas", "20", "--out-dim", "64"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_loader.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "TMPDIR": str(tmp_path),
+            "OMP_NUM_THREADS": "1",
+            "DINO_NB_CACHE": str(tmp_path / "cache"),
+        },
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert rows[0].split("|")[1].strip() == "path"
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "PIL",
+        "JPEG + batched",
+        "cache + batched",
+    ]
+    for row in rows[1:]:
+        rate, ratio, ms = (float(c) for c in row.split("|")[2:5])
+        assert rate > 0 and ratio > 0 and ms > 0
+    assert (data / ".dino_nb_cache").is_dir()  # the pixel cache was built beside the data
+    assert re.search(r"reference: the training step .* [0-9.]+ images/s", result.stdout)

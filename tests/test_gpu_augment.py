@@ -325,3 +325,18 @@ def test_same_distribution_of_views_as_the_cpu_pipeline():
         m_c = np.mean([np.asarray(v[i].image, dtype=np.float64).mean() / 255 for v in cpu_views])
         m_g = gpu_crops[i].double().mean().item()
         assert abs(m_c - m_g) < 0.03, (i, m_c, m_g)
+
+
+def test_cpu_colour_jitter_equals_each_sample_in_its_own_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 5, 5, generator=g)
+    jittered = torch.tensor([True, False, True, True, False, True])
+    factors = torch.tensor([[1.3, 0.7, 1.2, 0.05], [0.8, 1.3, 0.9, -0.08]] * 3)
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(6)])
+    expected = x.clone()
+    for i in range(6):  # one sample at a time, op after op in its order
+        for op in order[i].tolist() if jittered[i] else []:
+            expected[i : i + 1] = ga._JITTER_FNS[op](expected[i : i + 1], factors[i : i + 1, op])
+    out = ga.color_jitter(x, jittered, factors, order)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out[~jittered], x[~jittered])  # untouched, bit for bit
