@@ -33,6 +33,7 @@ from .loss import DINOLoss
 from .models import build_student_teacher
 from .multicrop import MultiCropWrapper
 from .optim import cancel_gradients, clip_gradients, ema_update, param_groups
+from .pixels import CachedCanvases, MultiCropCollate, WithSeeds
 from .sampling import SeededDataset, TrainSampler, sample_seed
 from .schedules import Schedules, StepValues
 from .signals import collapse_signals
@@ -245,16 +246,28 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         normalize=False,  # uint8 crops; normalised on the device after the copy
     )
     bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
+    canvas = round(cfg.global_size * 256 / 224)  # crops are cut from a square canvas, as evaluation's resize
     gpu_aug, collate = None, collate_crops
-    if cfg.gpu_augment:  # the CPU only decodes and resizes to a square canvas
-        gpu_aug = GPUMultiCrop.from_augmentation(augmentation)
-        train_set, collate = bundle.train_plain.with_transform(DecodeResize(round(cfg.global_size * 256 / 224))), None
+    if cfg.cache_pixels:  # decoded once into a uint8 cache; batches augmented as tensors in the worker
+        if info.enabled:  # rank 0 builds the cache, the others open it
+            if info.is_main:
+                CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress)
+            torch.distributed.barrier()
+        cached = CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress and info.is_main)
+        if cfg.gpu_augment:
+            gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
+            train_set = SeededDataset(cached)
+        else:
+            train_set, collate = WithSeeds(cached), MultiCropCollate(augmentation)
+    elif cfg.gpu_augment:  # the CPU only decodes and resizes to a square canvas
+        gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
+        train_set = SeededDataset(bundle.train_plain.with_transform(DecodeResize(canvas)))
     else:
-        train_set = bundle.train_aug
+        train_set = SeededDataset(bundle.train_aug)
     workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
     sampler = TrainSampler(len(train_set), cfg.batch_size, cfg.seed, info.rank, info.world_size)
     loader = make_loader(
-        SeededDataset(train_set),
+        train_set,
         cfg.batch_size,
         sampler=sampler,
         drop_last=True,

@@ -376,3 +376,14 @@ def test_gpu_augment_path_runs_on_any_device(tiny_data: Path, tmp_path: Path) ->
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # seeded per step: reproducible
     assert losses(tmp_path / "a") != losses(tmp_path / "c")  # a different pipeline, not a no-op
     assert all(math.isfinite(x) for x in losses(tmp_path / "a"))
+
+
+def test_pixel_cache_path_trains_reproducibly(tiny_data: Path, tmp_path: Path) -> None:
+    """--cache-pixels: photos decoded once, batches augmented as tensors in the loader."""
+    assert train(tiny_config(tiny_data, tmp_path / "a", cache_pixels=True, max_steps=4)).steps == 4
+    assert list(tiny_data.glob(".dino_nb_cache/train-*.npy"))  # the cache sits beside train/
+    train(tiny_config(tiny_data, tmp_path / "b", cache_pixels=True, max_steps=4))
+    train(tiny_config(tiny_data, tmp_path / "c", max_steps=4))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+    assert all(math.isfinite(x) for x in losses(tmp_path / "a"))
