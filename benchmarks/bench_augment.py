@@ -111,14 +111,15 @@ def main(argv=None):
     )
 
     settings = [
-        ("tutorial -c 4: 2+2 crops at 224", dict(n_local_crops=2, size=224), None),
-        ("2+8 crops at 224", dict(n_local_crops=8, size=224), None),
-        ("2+8 at 224, ours with jitter p=0.5", dict(n_local_crops=8, size=224), 0.5),
-        ("paper: 2x224 + 8x96", dict(n_local_crops=8, size=224, local_size=96), None),
+        ("tutorial -c 4: 2+2 crops at 224", dict(n_local_crops=2, global_size=224), None),
+        ("2+8 crops at 224", dict(n_local_crops=8, global_size=224), None),
+        ("2+8 at 224, ours with jitter p=0.5", dict(n_local_crops=8, global_size=224), 0.5),
+        ("paper: 2x224 + 8x96", dict(n_local_crops=8, global_size=224, local_size=96), None),
     ]
     rows = []
     for name, kw, p_jitter in settings:
-        base = seed_baseline.DataAugmentation(**kw)
+        # the tutorial calls the global crops' side ``size``
+        base = seed_baseline.DataAugmentation(**{"size" if k == "global_size" else k: v for k, v in kw.items()})
         ours = DataAugmentation(**kw, normalize=False)
         fns = {
             "baseline": make_pass(paths, args.images, base, baseline_collate),

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from dino_nb.data import plain_transform, rgb_loader
-from dino_nb.evaluate import extract_features, sklearn_knn_accuracy, weighted_knn
+from dino_nb.evaluate import extract_features, sklearn_knn_topk, weighted_knn
 from dino_nb.models import build_backbone
 
 IMAGENETTE_TRAIN, IMAGENETTE_VAL, EVAL_TRAIN_SUBSET = 9469, 3925, 5000
@@ -114,7 +114,7 @@ def main(argv=None):
                 x_train, y_train = extract_features(ours_vit, o_loaders[0])
                 x_val, y_val = extract_features(ours_vit, o_loaders[1])
             top1, _ = weighted_knn(x_train, y_train, x_val, y_val, k=20, temperature=0.07)
-            return top1, sklearn_knn_accuracy(x_train, y_train, x_val, y_val)
+            return top1, sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
 
         return run
 

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     data = args.data or (str(PHOTOS128) if (PHOTOS128 / "train").is_dir() else "builtin")
     aug = DataAugmentation(
         n_local_crops=args.n_local,
-        size=args.global_size,
+        global_size=args.global_size,
         local_size=args.local_size,
         normalize=False,
     )

@@ -40,6 +40,7 @@ import torch
 
 from dino_nb.augment import normalize_uint8
 from dino_nb.config import preset
+from dino_nb.distributed import pick_device
 from dino_nb.engine import build_run, train_step
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).
@@ -214,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(probe_memory(args.probe, args)))
         return
     threads = C.set_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible")
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     print(
         f"model {args.model}, batch {args.batch}, 2 + {args.n_local} crops, {args.steps} step(s) x "
         f"{args.repeats} runs; {C.machine_line(threads)}",

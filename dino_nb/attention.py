@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _vit(model: nn.Module) -> nn.Module:
-    """The ViT itself: a wrapper with a ``.backbone`` (``MultiCropWrapper``) is unwrapped."""
-    if not hasattr(model, "blocks") and isinstance(getattr(model, "backbone", None), nn.Module):
-        return model.backbone
-    return model
+from .models import unwrap_backbone
 
 
 def _last_attention(model: nn.Module) -> nn.Module:
@@ -67,7 +62,6 @@ def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
     return int(gh), int(gw)
 
 
-@torch.inference_mode()
 def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Full self-attention matrices of the last block, every head, all tokens.
 
@@ -83,7 +77,9 @@ def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor
         token order is the model's: prefix tokens (CLS first, then registers), then the
         patches row by row.
     """
-    model = _vit(model)
+    from .evaluate import inference  # evaluate imports scikit-learn: only when maps are taken
+
+    model = unwrap_backbone(model)
     attn_module = _last_attention(model)
     if images.ndim != 4:
         raise ValueError(f"images must be (n_images, 3, H, W), got shape {tuple(images.shape)}")
@@ -98,15 +94,12 @@ def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor
         logits = (q * module.scale) @ k.transpose(-2, -1)  # (n_images, n_heads, n_tokens, n_tokens)
         captured.append(logits.softmax(dim=-1))
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     handle = attn_module.register_forward_pre_hook(hook)
     try:
-        model(images.to(device))
+        with inference(model, autocast=False) as device:  # fp32: the maps are what is looked at
+            model(images.to(device))
     finally:
         handle.remove()
-        model.train(was_training)
     if len(captured) != 1:
         raise RuntimeError(f"expected the last attention to run once, it ran {len(captured)} times")
     return captured[0].cpu()
@@ -125,7 +118,7 @@ def cls_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(n_images, n_heads, grid_h, grid_w)`` float32 on CPU.
     """
-    model = _vit(model)
+    model = unwrap_backbone(model)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("the model has no class token, so there is no CLS attention to show")
     attn = last_block_attention(model, images)  # (n_images, n_heads, n_tokens, n_tokens)

@@ -53,7 +53,7 @@ class View:
     """One augmented view and the record of how it was made.
 
     Attributes:
-        image: the augmented crop, a ``size x size`` RGB PIL image (not normalised).
+        image: the augmented crop, a square RGB PIL image of ``global_size`` or ``local_size`` (not normalised).
         kind: ``"global"`` or ``"local"``.
         box: ``(left, top, right, bottom)`` of the crop in the original image, in pixels.
         flipped: whether the crop was mirrored horizontally.
@@ -201,14 +201,25 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def imagenet_stats(device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as ``(3, 1, 1)`` float32 tensors on ``device``, ready to broadcast.
+
+    The one place the statistics become tensors: :func:`normalize_uint8`, :func:`denormalize`
+    and the evaluation transform (:func:`~dino_nb.data.plain_transform`, through
+    :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`) all use the same numbers.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return mean, std
+
+
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """Scale uint8 images to [0, 1] and normalise them with the ImageNet mean and std.
 
     Works on a single image ``(3, H, W)`` or a batch ``(B, 3, H, W)``, on any device, so
     the normalisation can run on the GPU after collation.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    mean, std = imagenet_stats(images.device)
     # (x / 255 - mean) / std as one multiply and one subtract, in place on the one new
     # float tensor: no temporaries, which on a CPU batch is ~10x faster than three passes
     return images.to(torch.float32, copy=True).mul_(1.0 / (255.0 * std)).sub_(mean / std)
@@ -224,8 +235,7 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     Args:
         images: ``(3, H, W)`` or ``(B, 3, H, W)`` normalised images.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    mean, std = imagenet_stats(images.device)
     return (images * std + mean).clamp(0.0, 1.0)
 
 
@@ -244,7 +254,7 @@ class MultiCropSettings:
         global_crops_scale: Sequence[float] = (0.4, 1),
         local_crops_scale: Sequence[float] = (0.05, 0.4),
         n_local_crops: int = 8,
-        size: int = 224,
+        global_size: int = 224,
         local_size: int | None = None,
         normalize: bool = True,
     ) -> None:
@@ -253,19 +263,24 @@ class MultiCropSettings:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1, got {tuple(rng)}")
         if n_local_crops < 0:
             raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
-        if size <= 0 or (local_size is not None and local_size <= 0):
-            raise ValueError(f"crop sizes must be positive, got size={size}, local_size={local_size}")
+        if global_size <= 0 or (local_size is not None and local_size <= 0):
+            raise ValueError(f"crop sizes must be positive, got global_size={global_size}, local_size={local_size}")
         self.global_crops_scale = (float(global_crops_scale[0]), float(global_crops_scale[1]))
         self.local_crops_scale = (float(local_crops_scale[0]), float(local_crops_scale[1]))
         self.n_local_crops = int(n_local_crops)
-        self.size = int(size)
-        self.local_size = int(local_size) if local_size is not None else self.size
+        self.global_size = int(global_size)
+        self.local_size = int(local_size) if local_size is not None else self.global_size
         self.normalize = normalize
 
     def __repr__(self) -> str:
-        names = ("global_crops_scale", "local_crops_scale", "n_local_crops", "size", "local_size", "normalize")
+        names = ("global_crops_scale", "local_crops_scale", "n_local_crops", "global_size", "local_size", "normalize")
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in (*names, *self._repr_extra))
         return f"{type(self).__name__}({fields})"
+
+    @property
+    def size(self) -> int:
+        """Old name of :attr:`global_size`, still read by ``gpu_augment.py`` and ``pixels.py``; to go."""
+        return self.global_size
 
     @property
     def n_crops(self) -> int:
@@ -288,14 +303,14 @@ class DataAugmentation(MultiCropSettings):
         global_crops_scale: range of the fraction of the image area a global crop covers.
         local_crops_scale: same for local crops.
         n_local_crops: number of local crops.
-        size: side of the global crops in pixels.
-        local_size: side of the local crops; ``None`` means ``size`` (the tutorial), 96 is
+        global_size: side of the global crops in pixels (``TrainConfig.global_size``).
+        local_size: side of the local crops; ``None`` means ``global_size`` (the tutorial), 96 is
             the paper's choice with 224 global crops.
         normalize: return normalised float tensors (``True``) or uint8 tensors to be
             normalised later on the device with :func:`normalize_uint8` (``False``).
 
     Examples:
-        >>> aug = DataAugmentation(n_local_crops=2, size=64, local_size=32)
+        >>> aug = DataAugmentation(n_local_crops=2, global_size=64, local_size=32)
         >>> crops = aug(Image.new("RGB", (80, 60)))
         >>> [tuple(c.shape) for c in crops]
         [(3, 64, 64), (3, 64, 64), (3, 32, 32), (3, 32, 32)]
@@ -373,7 +388,7 @@ class DataAugmentation(MultiCropSettings):
         self, img: Image.Image, kind: str, p_blur: float, p_solarize: float, record: bool
     ) -> View:
         view = self._draw(img.width, img.height, kind, p_blur, p_solarize)
-        self._render(img, view, self.size if kind == "global" else self.local_size, record)
+        self._render(img, view, self.global_size if kind == "global" else self.local_size, record)
         return view
 
     def views(self, img: Image.Image, record_steps: bool = False) -> list[View]:
@@ -399,9 +414,9 @@ class DataAugmentation(MultiCropSettings):
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """Convert one view to a tensor: normalised float or uint8, per ``normalize``."""
-        t = pil_to_uint8_tensor(img)  # (3, size, size)
+        t = pil_to_uint8_tensor(img)  # (3, side, side)
         return normalize_uint8(t) if self.normalize else t
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        """Return ``2 + n_local_crops`` tensors of shape ``(3, size, size)``/``(3, local_size, local_size)``."""
+        """Return ``2 + n_local_crops`` tensors: ``(3, global_size, global_size)``, then ``(3, local_size, local_size)``."""
         return [self.to_tensor(v.image) for v in self.views(img)]

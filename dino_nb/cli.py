@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import GROUPS, PRESETS, TrainConfig, preset
+from .data import imagenette_available
 
 #: The tutorial's option names for config fields: field -> extra option strings.
 TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {
@@ -95,13 +96,8 @@ def _auto_preset(args: argparse.Namespace) -> str:
     on_gpu = torch.cuda.is_available() and getattr(args, "device", "auto") != "cpu"
     if data == "builtin":
         return "cpu"
-    if data is None or data == "imagenette":
-        try:
-            from .data import find_imagenette
-
-            find_imagenette()
-        except (ImportError, FileNotFoundError):
-            return "cpu"
+    if (data is None or data == "imagenette") and not imagenette_available():
+        return "cpu"
     if on_gpu:
         return "imagenette"
     return "cpu-photos" if "cpu-photos" in PRESETS else "cpu"

@@ -35,6 +35,7 @@ from .loss import Loss
 from .multicrop import MultiCropWrapper
 from .optim import ema_update
 from .signals import batch_mean_entropy, mean_entropy, teacher_student_kl
+from .viz import new_figure
 
 
 @dataclass(frozen=True)
@@ -201,12 +202,9 @@ def collapse_figure(runs: Sequence[CollapseRun]) -> Figure:
     Returns:
         a figure with three axes.
     """
-    import matplotlib.pyplot as plt
-
     if not runs:
         raise ValueError("no runs to plot")
-    fig = plt.figure(figsize=(13, 3.8))
-    plt.close(fig)  # shown once, by whoever displays the returned figure
+    fig = new_figure((13, 3.8))
     ax_h, ax_b, ax_kl = fig.subplots(1, 3)
     for run in runs:
         ax_h.plot(run.entropy, label=run.setting.name)

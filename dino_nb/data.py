@@ -11,9 +11,9 @@ Three jobs, in the order a run needs them:
    scan and skipped with a single warning that lists them (fatal with ``strict=True``);
    layout problems (no class folders, an empty class, train and val with different
    classes) raise one error that names them.
-3. **Load** it: :func:`build_loaders` makes the four ``DataLoader`` s training uses, the
-   last one a small, fixed, class-balanced validation subset for TensorBoard's projector
-   (:func:`projector_subset`).
+3. **Load** it: :func:`make_loader` with the project's ``DataLoader`` options,
+   :func:`collate_crops` for multi-crop batches, and :func:`projector_subset`, a small,
+   fixed, class-balanced validation subset for TensorBoard's projector.
 
 ``python -m dino_nb.data --find`` and ``--download 320px`` expose 1. on the command line.
 """
@@ -30,7 +30,6 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -217,6 +216,19 @@ def find_imagenette(
     raise FileNotFoundError(_not_found_message(roots, max_depth))
 
 
+def imagenette_available() -> bool:
+    """Whether :func:`find_imagenette` finds ImageNette in the usual places.
+
+    What ``--preset auto`` and the notebooks' ``gpu`` profile ask before choosing the
+    ImageNette-sized run over the small built-in one.
+    """
+    try:
+        find_imagenette()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- opening images
 
 
@@ -353,13 +365,6 @@ class RobustImageFolder(ImageFolder):
                 target = self.target_transform(target)
             return sample, target
         raise OSError(f"{_MAX_FALLBACK} unreadable images in a row near {path}; is the dataset damaged?")
-
-
-def image_folder(
-    root: str | os.PathLike, transform: Callable[[Image.Image], Any] | None, *, strict: bool = False
-) -> RobustImageFolder:
-    """An ``ImageFolder`` that converts every image to RGB (see :class:`RobustImageFolder`)."""
-    return RobustImageFolder(root, transform, strict=strict)
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
@@ -503,8 +508,8 @@ def build_datasets(
     """
     root = resolve_data_root(data)
     plain = plain_transform(eval_size)
-    train_plain = image_folder(root / "train", plain, strict=strict)
-    val_plain = image_folder(root / "val", plain, strict=strict)
+    train_plain = RobustImageFolder(root / "train", plain, strict=strict)
+    val_plain = RobustImageFolder(root / "val", plain, strict=strict)
     check_same_classes(train_plain, val_plain)
     unreadable = _drop_unreadable(root, [train_plain, val_plain], strict) if scan else {}
     train_aug = train_plain.with_transform(train_transform)
@@ -575,68 +580,6 @@ def make_loader(
         generator=generator,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-    )
-
-
-@dataclass
-class Loaders:
-    """The loaders of one training run.
-
-    Attributes:
-        train: multi-crop batches ``([crop (B, 3, H, W), ...], labels (B,))``, shuffled.
-        train_plain: plain training images ``(B, 3, S, S)`` in file order (kNN memory bank).
-        val_plain: plain validation images in file order (kNN queries).
-        projector: a fixed class-balanced validation subset (TensorBoard projector).
-    """
-
-    train: DataLoader
-    train_plain: DataLoader
-    val_plain: DataLoader
-    projector: DataLoader
-
-
-def build_loaders(
-    bundle: DatasetBundle,
-    batch_size: int,
-    *,
-    eval_batch_size: int | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    projector_per_class: int = 20,
-    train_sampler: Any = None,
-    pin_memory: bool = False,
-) -> Loaders:
-    """The four loaders of a run from a :class:`DatasetBundle`.
-
-    Args:
-        bundle: what :func:`build_datasets` returned.
-        batch_size: multi-crop images per training step (per process).
-        eval_batch_size: images per evaluation batch; default ``batch_size``.
-        num_workers: loader worker processes.
-        seed: seeds the training shuffle, so a run is reproducible.
-        projector_per_class: images per class in the projector subset.
-        train_sampler: e.g. a ``DistributedSampler`` (replaces shuffling).
-        pin_memory: pin host memory (faster copies to a CUDA device).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    eval_bs = eval_batch_size or batch_size
-    generator = torch.Generator().manual_seed(seed)
-    common = {"num_workers": num_workers, "pin_memory": pin_memory}
-    return Loaders(
-        train=make_loader(
-            bundle.train_aug,
-            batch_size,
-            shuffle=True,
-            drop_last=len(bundle.train_aug) >= batch_size,  # keep one batch on a tiny dataset
-            collate_fn=collate_crops,
-            sampler=train_sampler,
-            generator=generator,
-            **common,
-        ),
-        train_plain=make_loader(bundle.train_plain, eval_bs, **common),
-        val_plain=make_loader(bundle.val_plain, eval_bs, **common),
-        projector=make_loader(projector_subset(bundle.val_plain, projector_per_class), eval_bs, **common),
     )
 
 

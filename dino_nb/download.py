@@ -1,8 +1,8 @@
 """Download ImageNette safely: progress bar, resume, md5 check, safe extraction.
 
-torchvision already knows where the archives live, their md5 sums and the class names
-(``torchvision.datasets.Imagenette._ARCHIVES`` and ``_WNID_TO_CLASS``); this module reads
-them from there rather than copying them, and adds what torchvision's downloader lacks:
+torchvision already knows where the archives live and their md5 sums
+(``torchvision.datasets.Imagenette._ARCHIVES``); this module reads them from there rather
+than copying them, and adds what torchvision's downloader lacks:
 
 - a tqdm progress bar;
 - resume: bytes land in ``<archive>.part`` and an interrupted download continues with an
@@ -69,20 +69,6 @@ def torchvision_archives() -> dict[str, tuple[str, str]]:
             "pass url= and md5= to download_imagenette (see https://github.com/fastai/imagenette)"
         ) from err
     return archives
-
-
-def torchvision_class_names() -> dict[str, str]:
-    """ImageNette class ids and their first human name, as torchvision lists them.
-
-    Raises:
-        RuntimeError: when torchvision has no ``Imagenette._WNID_TO_CLASS``.
-    """
-    try:
-        from torchvision.datasets import Imagenette
-
-        return {wnid: names[0] for wnid, names in Imagenette._WNID_TO_CLASS.items()}
-    except (ImportError, AttributeError, TypeError, IndexError) as err:
-        raise RuntimeError(f"torchvision does not expose Imagenette._WNID_TO_CLASS ({err})") from err
 
 
 def md5sum(path: str | os.PathLike, chunk_size: int = 8 * _CHUNK) -> str:

@@ -30,7 +30,7 @@ from .data import DatasetBundle, build_datasets, collate_crops, make_loader
 from .distributed import DistInfo, pick_device, resolve_precision
 from .gpu_augment import DecodeResize, GPUMultiCrop
 from .loss import DINOLoss
-from .models import build_student_teacher
+from .models import student_teacher_from_config
 from .multicrop import MultiCropWrapper
 from .optim import cancel_gradients, clip_gradients, ema_update, param_groups
 from .pixels import CachedCanvases, MultiCropCollate, WithSeeds
@@ -291,17 +291,7 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
     info = info or single_process(cfg)
     amp_dtype = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed)  # the same on every rank: the teachers must start equal too
-    student, teacher = build_student_teacher(
-        cfg.model,
-        cfg.out_dim,
-        pretrained=cfg.pretrained,
-        hidden_dim=cfg.hidden_dim,
-        bottleneck_dim=cfg.bottleneck_dim,
-        n_layers=cfg.head_layers,
-        norm_last_layer=cfg.norm_last_layer,
-        drop_path_rate=cfg.drop_path_rate,
-        model_kwargs=cfg.model_kwargs,
-    )
+    student, teacher = student_teacher_from_config(cfg)
     student, teacher = student.to(info.device), teacher.to(info.device)
     teacher.eval()
     if info.enabled:  # from here on each rank draws its own drop-path masks

@@ -15,11 +15,12 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from torch.utils.data import DataLoader
 
 from .augment import denormalize
 from .data import make_loader
+from .distributed import resolve_precision
+from .models import unwrap_backbone
 
 #: The paper's k sweep for the weighted kNN (Caron et al. 2021, App. B / Wu et al. 2018).
 PAPER_KS = (10, 20, 100, 200)
@@ -43,16 +46,35 @@ PAPER_KS = (10, 20, 100, 200)
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """Mixed-precision dtype for inference: bf16 on GPUs that have it, else fp16; none on CPU."""
-    from .distributed import resolve_precision
-
     return resolve_precision("auto", torch.device(device))
 
 
-def unwrap_backbone(model: nn.Module) -> nn.Module:
-    """The backbone of a :class:`~dino_nb.multicrop.MultiCropWrapper` (student or teacher), else ``model``."""
-    from .multicrop import MultiCropWrapper
+@contextlib.contextmanager
+def inference(model: nn.Module, autocast: bool = True) -> Iterator[torch.device]:
+    """Run ``model`` for inference: eval mode, ``torch.inference_mode`` and autocast, then its mode back.
 
-    return model.backbone if isinstance(model, MultiCropWrapper) else model
+    Autocast uses :func:`autocast_dtype` (bf16 or fp16 on a GPU, nothing on the CPU).
+
+    Args:
+        model: the module to run; its train/eval mode is restored on exit, even after an error.
+        autocast: use mixed precision on a GPU.
+
+    Yields:
+        the device of the model's parameters (move the inputs there).
+
+    Examples:
+        >>> with inference(backbone) as device:  # doctest: +SKIP
+        ...     features = backbone(images.to(device))
+    """
+    was_training = model.training
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(device) if autocast else None
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            yield device
+    finally:
+        model.train(was_training)
 
 
 def _dataset_fingerprint(data_loader: DataLoader) -> str:
@@ -64,7 +86,6 @@ def _dataset_fingerprint(data_loader: DataLoader) -> str:
     return h.hexdigest()
 
 
-@torch.inference_mode()
 def extract_features(
     backbone: nn.Module,
     data_loader: DataLoader,
@@ -111,18 +132,11 @@ def extract_features(
         if cached.get("key") == cache_key and cached.get("dataset") == fingerprint:
             return cached["features"], cached["labels"]
 
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    dtype = autocast_dtype(device) if autocast else None
     feats, labels = [], []
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for imgs, y in data_loader:
-                feats.append(backbone(imgs.to(device, non_blocking=True)).float().cpu())  # (batch, dim)
-                labels.append(torch.as_tensor(y))
-    finally:
-        backbone.train(was_training)
+    with inference(backbone, autocast) as device:
+        for imgs, y in data_loader:
+            feats.append(backbone(imgs.to(device, non_blocking=True)).float().cpu())  # (batch, dim)
+            labels.append(torch.as_tensor(y))
     features, targets = torch.cat(feats), torch.cat(labels).long()  # (n_samples, dim), (n_samples,)
 
     if cache_path is not None:
@@ -147,10 +161,9 @@ def compute_knn(backbone: nn.Module, data_loader_train: DataLoader, data_loader_
     """
     x_train, y_train = extract_features(backbone, data_loader_train)
     x_val, y_val = extract_features(backbone, data_loader_val)
-    return sklearn_knn_accuracy(x_train, y_train, x_val, y_val)
+    return sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
 
 
-@torch.inference_mode()
 def compute_embedding(backbone: nn.Module, data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Embeddings, images and class names of a (small) loader, for TensorBoard's projector.
 
@@ -159,20 +172,13 @@ def compute_embedding(backbone: nn.Module, data_loader: DataLoader) -> tuple[tor
         (denormalised correctly, unlike the tutorial), and the class name of each sample.
     """
     backbone = unwrap_backbone(backbone)
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    dtype = autocast_dtype(device)
     classes = data_loader.dataset.classes  # type: ignore[attr-defined]
     embs, imgs, labels = [], [], []
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for img, y in data_loader:
-                embs.append(backbone(img.to(device)).float().cpu())
-                imgs.append(denormalize(img.cpu()))
-                labels.extend(classes[i] for i in torch.as_tensor(y).tolist())
-    finally:
-        backbone.train(was_training)
+    with inference(backbone) as device:
+        for img, y in data_loader:
+            embs.append(backbone(img.to(device)).float().cpu())  # (batch, dim)
+            imgs.append(denormalize(img.cpu()))  # (batch, 3, H, W) in [0, 1]
+            labels.extend(classes[i] for i in torch.as_tensor(y).tolist())
     return torch.cat(embs), torch.cat(imgs), labels
 
 
@@ -293,22 +299,14 @@ def weighted_knn(
     return top1, top5
 
 
-def sklearn_knn_accuracy(
-    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, k: int = 5
-) -> float:
-    """The tutorial's classifier on precomputed features: sklearn kNN (Euclidean), accuracy."""
-    estimator = KNeighborsClassifier(n_neighbors=min(k, len(x_train)))
-    estimator.fit(x_train.numpy(), y_train.numpy())
-    return float(accuracy_score(y_val.numpy(), estimator.predict(x_val.numpy())))
-
-
 def sklearn_knn_topk(
     x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, k: int = 5
 ) -> tuple[float, float]:
     """The tutorial's sklearn kNN (Euclidean, uniform votes) with top-1 and top-5 accuracy.
 
-    Top-5 ranks the classes by their share of the ``k`` neighbours (``predict_proba``);
-    top-1 is sklearn's ``predict``.
+    The classes are ranked by their share of the ``k`` neighbours (``predict_proba``, one
+    neighbour search). Top-1 is the first of them, the smallest label among tied classes:
+    what sklearn's ``predict`` returns for uniform votes (tested).
 
     Returns:
         ``(top1, top5)`` as fractions in [0, 1].
@@ -318,10 +316,10 @@ def sklearn_knn_topk(
     estimator = KNeighborsClassifier(n_neighbors=min(k, len(x_train)))
     estimator.fit(x_train.float().numpy(), y_train.numpy())
     xv, yv = x_val.float().numpy(), y_val.numpy()
-    top1 = float(accuracy_score(yv, estimator.predict(xv)))
     proba = estimator.predict_proba(xv)  # (n_val, n_train_classes), columns = estimator.classes_
     order = np.argsort(-proba, axis=1, kind="stable")[:, :5]
-    top5_classes = estimator.classes_[order]  # (n_val, <=5)
+    top5_classes = estimator.classes_[order]  # (n_val, <=5), most voted first
+    top1 = float((top5_classes[:, 0] == yv).mean())
     top5 = float((top5_classes == yv[:, None]).any(axis=1).mean())
     return top1, top5
 
@@ -440,7 +438,8 @@ class KnnEvaluator:
         x_train, y_train = extract_features(backbone, self.train_loader)  # autocast on a GPU
         x_val, y_val = extract_features(backbone, self.val_loader)
         top1, top5 = weighted_knn(x_train, y_train, x_val, y_val, self.k, self.temperature, self.num_classes)
-        return {"knn_top1": top1, "knn_top5": top5, "knn_sklearn": sklearn_knn_accuracy(x_train, y_train, x_val, y_val)}
+        sklearn_top1 = sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
+        return {"knn_top1": top1, "knn_top5": top5, "knn_sklearn": sklearn_top1}
 
 
 class _Images:
@@ -498,16 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     from .checkpoint import load
     from .data import build_datasets, plain_transform
+    from .distributed import pick_device
     from .models import backbone_from_checkpoint, is_vit
 
     # set-up: every problem with the inputs is one clean line and exit code 2
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto if args.device == "auto" else args.device)
+        device = pick_device(args.device)
         ckpt_path = Path(args.checkpoint)
         ckpt = load(ckpt_path)
         if "config" not in ckpt or args.which not in ckpt:
@@ -566,14 +563,9 @@ def _write_figures(
     """Embedding maps, neighbours, confusion matrix and attention grids as PNGs in ``out``."""
     from . import viz
     from .attention import cls_attention_maps
+    from .data import class_names
 
-    classes = bundle.classes  # type: ignore[attr-defined]
-    try:  # ImageNette's WordNet ids -> human names ("n01440764" -> "tench")
-        from .data import class_names
-
-        classes = class_names(classes)
-    except ImportError:
-        pass
+    classes = class_names(bundle.classes)  # type: ignore[attr-defined]  # ImageNette ids -> "tench", ...
     val_images = _Images(bundle.val_plain)  # type: ignore[attr-defined]
     train_images = _Images(bundle.train_plain)  # type: ignore[attr-defined]
 

@@ -30,7 +30,8 @@ from torchvision.transforms import functional as TF
 from .attention import threshold_mask, upsample
 from .augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
 from .config import TrainConfig, preset
-from .viz import class_colors, to_hwc, view_labels
+from .distributed import pick_device
+from .viz import class_colors, new_figure, to_hwc, view_labels
 
 ProfileName = Literal["ci", "cpu", "gpu"]
 #: The environment variable that forces a profile (the root ``conftest.py`` sets ``ci``).
@@ -42,15 +43,6 @@ RUNS_ENV = "DINO_NB_RUNS"
 CI_STEPS = 30
 #: Steps between kNN evaluations in the ``ci`` profile.
 CI_EVAL_EVERY = 15
-
-
-def _figure(figsize: tuple[float, float]) -> Figure:
-    """A new figure, closed in pyplot so only the returned object displays it."""
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=figsize)
-    plt.close(fig)
-    return fig
 
 
 # --------------------------------------------------------------------------- profile
@@ -102,7 +94,7 @@ def pick_profile(
     Args:
         environ: environment variables; default ``os.environ``.
         modules: imported modules; default ``sys.modules``.
-        cuda_available: default ``torch.cuda.is_available()``.
+        cuda_available: default: :func:`~dino_nb.distributed.pick_device` finds CUDA.
         apply: in ``ci``, limit torch to one CPU thread so that printed numbers repeat
             exactly from machine to machine.
 
@@ -110,7 +102,7 @@ def pick_profile(
         ValueError: for an unknown ``$DINO_NB_PROFILE``, or ``gpu`` without a GPU.
     """
     environ = os.environ if environ is None else environ
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    cuda = pick_device("auto").type == "cuda" if cuda_available is None else cuda_available
     requested = environ.get(PROFILE_ENV, "").strip().lower()
     if requested and requested not in PROFILES:
         raise ValueError(f"${PROFILE_ENV}={requested!r} is not a profile; use one of {', '.join(PROFILES)}")
@@ -178,13 +170,9 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     elif profile.name == "cpu":
         values, name = {}, "cpu"
     else:
-        from .data import find_imagenette
+        from .data import imagenette_available
 
-        try:
-            find_imagenette()
-            values, name = {}, "imagenette"
-        except FileNotFoundError:
-            values, name = {"device": "cuda"}, "cpu"
+        values, name = ({}, "imagenette") if imagenette_available() else ({"device": "cuda"}, "cpu")
     return preset(name, **{**values, "out": str(out), **overrides})
 
 
@@ -254,7 +242,7 @@ def draw_views(
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
     n_local_crops: int = 6,
-    size: int = 224,
+    global_size: int = 224,
     local_size: int = 96,
     record_steps: bool = False,
 ) -> list[View]:
@@ -266,14 +254,14 @@ def draw_views(
         global_scale: (min, max) fraction of the image area a global crop covers.
         local_scale: same for local crops.
         n_local_crops: number of local crops.
-        size: side of the global crops in pixels.
+        global_size: side of the global crops in pixels.
         local_size: side of the local crops in pixels.
         record_steps: keep each augmentation's intermediate image (``View.steps``).
 
     Returns:
         ``[global 1, global 2, local 1, ...]``.
     """
-    aug = DataAugmentation(global_scale, local_scale, n_local_crops, size, local_size)
+    aug = DataAugmentation(global_scale, local_scale, n_local_crops, global_size, local_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return aug.views(image, record_steps=record_steps)
@@ -285,7 +273,7 @@ def crop_explorer(
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
     n_local_crops: int = 6,
-    size: int = 224,
+    global_size: int = 224,
     local_size: int = 96,
 ) -> Figure:
     """The original with each view's crop box (solid: global, dashed: local), beside the views.
@@ -297,12 +285,12 @@ def crop_explorer(
     """
     from matplotlib.patches import Rectangle
 
-    views = draw_views(image, seed, global_scale, local_scale, n_local_crops, size, local_size)
+    views = draw_views(image, seed, global_scale, local_scale, n_local_crops, global_size, local_size)
     labels = view_labels(views)
     colors = class_colors(max(len(views), 1))
     ncols = min(max(len(views), 2), 5)
     nrows = math.ceil(len(views) / ncols)
-    fig = _figure((4.5 + 1.6 * ncols, max(3.4, 1.8 * nrows)))
+    fig = new_figure((4.5 + 1.6 * ncols, max(3.4, 1.8 * nrows)))
     left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.6 * ncols])
     ax = left.subplots()
     ax.imshow(to_hwc(image))
@@ -367,7 +355,7 @@ def image_row(images: Sequence[tuple[str, Any]], ncols: int | None = None, size:
         raise ValueError("no images to show")
     ncols = ncols or len(images)
     nrows = math.ceil(len(images) / ncols)
-    fig = _figure((size * ncols, size * nrows + 0.4))
+    fig = new_figure((size * ncols, size * nrows + 0.4))
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax, (title, img) in zip(axes, images, strict=False):
         ax.imshow(to_hwc(img))
@@ -387,7 +375,7 @@ def steps_figure(views: Sequence[View]) -> Figure:
     if not views or not any(v.steps for v in views):
         raise ValueError("the views hold no steps; draw them with views(img, record_steps=True)")
     ncols = max(len(v.steps) for v in views)
-    fig = _figure((1.5 * ncols + 0.4, 1.6 * len(views)))
+    fig = new_figure((1.5 * ncols + 0.4, 1.6 * len(views)))
     axes = fig.subplots(len(views), ncols, squeeze=False)
     for r, (view, label) in enumerate(zip(views, view_labels(views), strict=True)):
         for c in range(ncols):
@@ -429,7 +417,7 @@ def temperature_figure(logits: torch.Tensor, temperature: float, reference: floa
     if logits.ndim != 1:
         raise ValueError(f"logits must be (K,), got shape {tuple(logits.shape)}")
     k = logits.shape[0]
-    fig = _figure((11, 3.2))
+    fig = new_figure((11, 3.2))
     axes = fig.subplots(1, 3)
     axes[0].bar(range(k), logits.float().numpy(), color="tab:gray")
     axes[0].set_title("logits $g$")
@@ -489,7 +477,7 @@ def attention_explorer(
     size = img.shape[:2]
     heat = upsample(one, size, mode).numpy()  # (H, W)
     mask = upsample(keep, size, "nearest").numpy()  # (H, W)
-    fig = _figure((9, 3.4))
+    fig = new_figure((9, 3.4))
     axes = fig.subplots(1, 3)
     axes[0].imshow(img)
     axes[0].set_title(names[index] if names is not None else f"image {index}", fontsize=9)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 from torch import nn
 
 from .head import DINOHead
 from .multicrop import MultiCropWrapper
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 #: Names that DINO users reach for; the tutorial's ``vit_deit_small_patch16_224`` is gone
 #: from timm (it is ``deit_small_patch16_224`` now, and the paper's ViT-S/16 is
@@ -74,7 +77,7 @@ def build_student_teacher(
     pretrained: bool = False,
     hidden_dim: int = 512,
     bottleneck_dim: int = 256,
-    n_layers: int = 3,
+    head_layers: int = 3,
     norm_last_layer: bool = False,
     drop_path_rate: float = 0.0,
     model_kwargs: dict[str, Any] | None = None,
@@ -83,20 +86,56 @@ def build_student_teacher(
 
     Drop-path regularises the student only (the paper); the teacher starts with exactly
     the student's weights and gets ``requires_grad=False`` on every parameter: it is
-    updated by EMA, never by the optimizer.
+    updated by EMA, never by the optimizer. The keyword names are the
+    :class:`~dino_nb.config.TrainConfig` fields they come from; a run's pair is
+    :func:`student_teacher_from_config`.
+
+    Args:
+        name: timm model name.
+        out_dim: K, the head's output dimension (number of prototypes).
+        pretrained: start from timm's pretrained weights.
+        hidden_dim: width of the head's MLP.
+        bottleneck_dim: dimension before the head's last (weight-normalised) layer.
+        head_layers: Linear layers in the head's MLP (the head's ``n_layers``).
+        norm_last_layer: freeze the norm of the head's last layer at 1.
+        drop_path_rate: stochastic depth of the student's backbone.
+        model_kwargs: extra ``timm.create_model`` keywords.
+
+    Returns:
+        ``(student, teacher)``, both :class:`~dino_nb.multicrop.MultiCropWrapper`.
     """
     model_kwargs = dict(model_kwargs or {})
     student_backbone = build_backbone(name, pretrained, drop_path_rate=drop_path_rate, **model_kwargs)
     teacher_backbone = build_backbone(name, pretrained, **model_kwargs)
     dim = student_backbone.num_features
 
-    head_args = (dim, out_dim, hidden_dim, bottleneck_dim, n_layers)
+    head_args = (dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
     student = MultiCropWrapper(student_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
+
+
+def student_teacher_from_config(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """:func:`build_student_teacher` with every argument taken from a run's configuration."""
+    return build_student_teacher(
+        cfg.model,
+        cfg.out_dim,
+        pretrained=cfg.pretrained,
+        hidden_dim=cfg.hidden_dim,
+        bottleneck_dim=cfg.bottleneck_dim,
+        head_layers=cfg.head_layers,
+        norm_last_layer=cfg.norm_last_layer,
+        drop_path_rate=cfg.drop_path_rate,
+        model_kwargs=cfg.model_kwargs,
+    )
+
+
+def unwrap_backbone(model: nn.Module) -> nn.Module:
+    """The backbone of a :class:`~dino_nb.multicrop.MultiCropWrapper` (student or teacher), else ``model``."""
+    return model.backbone if isinstance(model, MultiCropWrapper) else model
 
 
 def backbone_from_checkpoint(path: str, which: str = "teacher", map_location: str = "cpu") -> nn.Module:

@@ -36,8 +36,12 @@ CURVES = (
 )
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
-    """A new figure, closed in pyplot so only the returned object displays it."""
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure, closed in pyplot so only the returned object displays it.
+
+    Every figure of the package starts here (``viz``, ``explore``, ``collapse``): a notebook
+    shows the returned figure once, and the inline backend does not show it a second time.
+    """
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=figsize)
@@ -168,7 +172,7 @@ def embedding_map(
         raise ValueError(f"{len(xy)} embeddings but {len(y)} labels")
     n_classes = int(max(y.max() + 1, len(class_names) if class_names is not None else 0))
     colors = class_colors(n_classes)
-    fig = _figure((8, 7))
+    fig = new_figure((8, 7))
     ax = fig.subplots()
     for c in np.unique(y):
         sel = y == c
@@ -229,7 +233,7 @@ def neighbours_grid(
         )
     qy = [int(v) for v in torch.as_tensor(query_labels)]
     gy = torch.as_tensor(gallery_labels)
-    fig = _figure((1.6 * (k + 1), 1.8 * n_query + 0.3))
+    fig = new_figure((1.6 * (k + 1), 1.8 * n_query + 0.3))
     axes = np.atleast_2d(fig.subplots(n_query, k + 1, squeeze=False))
     for r in range(n_query):
         ax = axes[r, 0]
@@ -278,7 +282,7 @@ def confusion_matrix_figure(
         cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     names = [_class_name(i, class_names) for i in range(n)]
     side = max(4.0, 0.5 * n + 2)
-    fig = _figure((side + 1, side))
+    fig = new_figure((side + 1, side))
     ax = fig.subplots()
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -331,7 +335,7 @@ def attention_grid(
     n_heads = maps.shape[0]
     up = upsample(maps, size, mode).numpy()  # (n_heads, H, W)
     rows = 2 if threshold is not None else 1
-    fig = _figure((1.9 * (n_heads + 1), 2.0 * rows + 0.4))
+    fig = new_figure((1.9 * (n_heads + 1), 2.0 * rows + 0.4))
     axes = fig.subplots(rows, n_heads + 1, squeeze=False)
     axes[0, 0].imshow(img)
     axes[0, 0].set_title("image", fontsize=9)
@@ -396,14 +400,14 @@ def training_curves(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> 
     records = read_metrics(source)
     present = [(key, name) for key, name in CURVES if any(_is_number(r.get(key)) for r in records)]
     if not present:
-        fig = _figure((4, 3))
+        fig = new_figure((4, 3))
         ax = fig.subplots()
         ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center")
         ax.axis("off")
         return fig
     ncols = min(3, len(present))
     nrows = math.ceil(len(present) / ncols)
-    fig = _figure((4.2 * ncols, 3.0 * nrows))
+    fig = new_figure((4.2 * ncols, 3.0 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax, (key, name) in zip(axes, present, strict=False):
         pts = [(r.get("step", i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
@@ -463,7 +467,7 @@ def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
         raise ValueError("no views to show")
     ncols = ncols or min(len(views), 6)
     nrows = math.ceil(len(views) / ncols)
-    fig = _figure((2.2 * ncols, 2.7 * nrows + 0.3))
+    fig = new_figure((2.2 * ncols, 2.7 * nrows + 0.3))
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax, view, label in zip(axes, views, view_labels(views), strict=False):
         ax.imshow(to_hwc(view.image))
@@ -471,42 +475,6 @@ def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
         ax.axis("off")
     for ax in axes[len(views) :]:
         fig.delaxes(ax)
-    fig.tight_layout()
-    return fig
-
-
-def crop_boxes(image: ImageLike, views: Sequence[View]) -> Figure:
-    """The original image with each view's crop box drawn and labelled (``G1``, ``L1``...).
-
-    Global boxes are solid, local ones dashed.
-
-    Returns:
-        a figure with one axis.
-    """
-    from matplotlib.patches import Rectangle
-
-    img = to_hwc(image)
-    fig = _figure((6, 6 * img.shape[0] / img.shape[1] + 0.3))
-    ax = fig.subplots()
-    ax.imshow(img)
-    colors = class_colors(max(len(views), 1))
-    for view, label, color in zip(views, view_labels(views), colors, strict=False):
-        left, top, right, bottom = view.box
-        is_global = view.kind == "global"
-        ax.add_patch(
-            Rectangle(
-                (left, top),
-                right - left,
-                bottom - top,
-                fill=False,
-                edgecolor=color,
-                linewidth=2.5 if is_global else 1.5,
-                linestyle="-" if is_global else "--",
-            )
-        )
-        ax.text(left + 2, top + 2, label, color="white", fontsize=9, va="top", bbox={"facecolor": color, "pad": 1, "edgecolor": "none"})
-    ax.set_title(f"{len(views)} crops on the original ({img.shape[1]}x{img.shape[0]})")
-    ax.axis("off")
     fig.tight_layout()
     return fig
 

@@ -30,13 +30,13 @@ def random_image(
 
 
 def aug(
-    n_local: int = 3, size: int = 16, local_size: int | None = 8, normalize: bool = True
+    n_local: int = 3, global_size: int = 16, local_size: int | None = 8, normalize: bool = True
 ) -> DataAugmentation:
     return DataAugmentation(
         (0.4, 1.0),
         (0.05, 0.4),
         n_local_crops=n_local,
-        size=size,
+        global_size=global_size,
         local_size=local_size,
         normalize=normalize,
     )
@@ -54,12 +54,12 @@ def test_number_of_crops(n_local):
 
 
 def test_sizes_with_local_size():
-    crops = aug(n_local=3, size=16, local_size=8)(random_image())
+    crops = aug(n_local=3, global_size=16, local_size=8)(random_image())
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
 
 
 def test_sizes_without_local_size_default_to_global_size():
-    a = aug(n_local=2, size=12, local_size=None)
+    a = aug(n_local=2, global_size=12, local_size=None)
     assert a.local_size == 12
     crops = a(random_image())
     assert [tuple(c.shape) for c in crops] == [(3, 12, 12)] * 4
@@ -134,7 +134,7 @@ def box_inside(box, width, height):
 @pytest.mark.parametrize("width,height", [(40, 30), (30, 40), (5, 7), (100, 12), (1, 1)])
 def test_crop_boxes_inside_the_image(width, height):
     torch.manual_seed(0)
-    a = aug(n_local=4, size=16, local_size=8)  # crops larger than the (5, 7) and (1, 1) images
+    a = aug(n_local=4, global_size=16, local_size=8)  # crops larger than the (5, 7) and (1, 1) images
     img = random_image(width, height)
     for _ in range(25):
         views = a.views(img)
@@ -202,7 +202,7 @@ N_DRAWS = 2000
 
 @pytest.fixture(scope="module")
 def many_views():
-    a = DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, size=8, local_size=8)
+    a = DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, global_size=8, local_size=8)
     img = random_image(12, 12, seed=1)
     torch.manual_seed(0)
     return [a.views(img) for _ in range(N_DRAWS)]
@@ -281,7 +281,7 @@ def test_constants_are_the_papers():
         dict(local_crops_scale=(0.05, 1.5)),
         dict(local_crops_scale=(0.1,)),
         dict(n_local_crops=-1),
-        dict(size=0),
+        dict(global_size=0),
         dict(local_size=-8),
     ],
 )
@@ -366,7 +366,7 @@ def render_resize_first(img: Image.Image, v: A.View, out: int) -> np.ndarray:
 def test_views_worked_on_the_small_crop_box_match_the_resize_first_order():
     """Colour work and blur run on the box when it is smaller than the output: same view."""
     img = smooth_image(224, 224, seed=2)
-    a = DataAugmentation(n_local_crops=8, size=224, normalize=False)
+    a = DataAugmentation(n_local_crops=8, global_size=224, normalize=False)
     torch.manual_seed(0)
     on_box = blurred = 0
     for _ in range(6):
@@ -392,7 +392,7 @@ def test_views_worked_on_the_small_crop_box_match_the_resize_first_order():
 
 def test_recorded_steps_do_not_change_the_views():
     img = smooth_image(64, 48, seed=5)
-    a = DataAugmentation(n_local_crops=4, size=48, local_size=24)
+    a = DataAugmentation(n_local_crops=4, global_size=48, local_size=24)
     for seed in range(10):
         torch.manual_seed(seed)
         plain = a.views(img)
@@ -405,7 +405,7 @@ def test_recorded_steps_do_not_change_the_views():
 
 def test_random_decisions_do_not_depend_on_the_pixels():
     """Every draw happens before pixel work: a seed means the same views for any content."""
-    a = aug(n_local=4, size=16, local_size=8)
+    a = aug(n_local=4, global_size=16, local_size=8)
     records = []
     for content_seed in (0, 1):
         torch.manual_seed(7)

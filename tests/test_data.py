@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_aug(size: int = 32) -> DataAugmentation:
-    return DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, size=size, local_size=size // 2)
+    return DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, global_size=size, local_size=size // 2)
 
 
 # --------------------------------------------------------------------------- labels
@@ -92,6 +92,13 @@ def test_data_imagenette_not_found_explains(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "default_search_roots", lambda: [tmp_path])
     with pytest.raises(FileNotFoundError, match=r"--download 320px"):
         D.build_datasets("imagenette", tiny_aug(), 32)
+
+
+def test_imagenette_available(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "default_search_roots", lambda: [tmp_path])
+    assert not D.imagenette_available()
+    make_imagenette_like(tmp_path / "imagenette2-320")
+    assert D.imagenette_available()
 
 
 def test_resolve_nested_path_and_errors(tmp_path):
@@ -241,7 +248,7 @@ def test_projector_subset_is_fixed_and_balanced(tmp_path):
     make_folder(tmp_path, classes=("a", "b", "c"), n_train=1, n_val=5)
     (tmp_path / "val/c/3.jpg").unlink()
     (tmp_path / "val/c/4.jpg").unlink()
-    val = D.image_folder(tmp_path / "val", None)
+    val = D.RobustImageFolder(tmp_path / "val")
     sub = D.projector_subset(val, 3)
     labels = [val.targets[i] for i in sub.indices]
     assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -250,28 +257,6 @@ def test_projector_subset_is_fixed_and_balanced(tmp_path):
     assert len(D.projector_subset(val, 100)) == 5 + 5 + 3
     with pytest.raises(ValueError, match="n_per_class"):
         D.projector_subset(val, 0)
-
-
-def test_build_loaders_shapes_and_seeded_order(tmp_path):
-    make_folder(tmp_path, classes=("a", "b"), n_train=5, n_val=3)
-    bundle = D.build_datasets(tmp_path, tiny_aug(32), 24)
-    loaders = D.build_loaders(bundle, 4, eval_batch_size=5, projector_per_class=2, seed=1)
-    crops, y = next(iter(loaders.train))
-    assert [c.shape for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2 and y.shape == (4,)
-    assert len(loaders.train) == 2  # 10 images, batches of 4, last partial batch dropped
-    x, y = next(iter(loaders.val_plain))
-    assert x.shape == (5, 3, 24, 24)
-    assert y.tolist() == [0, 0, 0, 1, 1]  # file order
-    assert len(loaders.projector.dataset) == 4
-    assert len(loaders.train_plain.dataset) == 10
-
-    def order(seed):
-        lo = D.build_loaders(bundle, 4, seed=seed).train
-        return list(iter(lo.batch_sampler))
-
-    assert order(1) == order(1)
-    with pytest.raises(ValueError, match="batch_size"):
-        D.build_loaders(bundle, 0)
 
 
 def test_collate_crops():
@@ -298,10 +283,11 @@ def test_imagenette_mini_through_the_real_path():
     assert root == MINI and D.is_imagenette_root(root)
     bundle = D.build_datasets(root, tiny_aug(64), 48)
     assert bundle.classes == list(WNIDS) and bundle.names[0] == "tench" and bundle.unreadable == {}
-    loaders = D.build_loaders(bundle, 8, projector_per_class=2)
-    crops, y = next(iter(loaders.train))
+    train = D.make_loader(bundle.train_aug, 8, shuffle=True, collate_fn=D.collate_crops)
+    crops, y = next(iter(train))
     assert crops[0].shape == (8, 3, 64, 64) and crops[-1].shape == (8, 3, 32, 32)
-    for lo in (loaders.train_plain, loaders.val_plain, loaders.projector):
-        x, y = next(iter(lo))
+    projector = D.projector_subset(bundle.val_plain, 2)
+    for ds in (bundle.train_plain, bundle.val_plain, projector):
+        x, y = next(iter(D.make_loader(ds, 8)))
         assert x.shape == (8, 3, 48, 48) and torch.isfinite(x).all()
-    assert len(loaders.projector.dataset) == 20
+    assert len(projector) == 20

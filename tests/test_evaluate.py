@@ -4,17 +4,18 @@ import sys
 
 import pytest
 import torch
+from sklearn.neighbors import KNeighborsClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from dino_nb.checkpoint import save_atomic
 from dino_nb.evaluate import (
     autocast_dtype,
     extract_features,
+    inference,
     knn_sweep,
     linear_probe,
     main,
     nearest_neighbours,
-    sklearn_knn_accuracy,
     sklearn_knn_topk,
     weighted_knn,
     weighted_knn_votes,
@@ -99,10 +100,12 @@ def test_knn_sweep_and_probe_on_separable_features():
     # k=200 > 80 training samples: uniform sklearn votes are all classes tied
     assert res["sklearn_k200_top1"] == pytest.approx(0.25)
     assert linear_probe(train_f, train_y, val_f, val_y) == 1.0
-    # the tutorial's function agrees with sklearn_knn_topk's top-1
-    assert sklearn_knn_accuracy(train_f, train_y, val_f, val_y, k=5) == sklearn_knn_topk(
-        train_f, train_y, val_f, val_y, k=5
-    )[0]
+    # sklearn_knn_topk's top-1 is the tutorial's classifier: sklearn's predict, scored directly
+    # (k=80: every class tied, where the smallest label must win as in predict)
+    for k in (5, 80):
+        tutorial = KNeighborsClassifier(n_neighbors=k).fit(train_f.numpy(), train_y.numpy())
+        expected = float((tutorial.predict(val_f.numpy()) == val_y.numpy()).mean())
+        assert sklearn_knn_topk(train_f, train_y, val_f, val_y, k=k)[0] == expected
 
 
 def test_probe_and_knn_at_chance_on_random_labels():
@@ -162,6 +165,20 @@ def test_extract_features_and_cache(tmp_path):
     loader_small = DataLoader(TensorDataset(ds.tensors[0][:6], ds.tensors[1][:6]), batch_size=4)
     f4, _ = extract_features(model, loader_small, cache_path=path, cache_key="step2")
     assert f4.shape == (6, 5)
+
+
+def test_inference_sets_eval_and_no_grad_then_restores_the_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).train()
+    with inference(model) as device:
+        assert device == torch.device("cpu") and not model.training
+        out = model(torch.ones(4, 3))
+        assert torch.is_inference_mode_enabled() and not out.requires_grad
+        assert torch.equal(out, model(torch.ones(4, 3)))  # dropout is off
+    assert model.training
+    model.eval()
+    with pytest.raises(RuntimeError), inference(model):
+        raise RuntimeError("boom")
+    assert not model.training
 
 
 def test_autocast_dtype():

@@ -125,20 +125,25 @@ def test_draw_views_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    views = draw_views(img, seed=1, n_local_crops=3, size=32, local_size=16)
+    views = draw_views(img, seed=1, n_local_crops=3, global_size=32, local_size=16)
     after = torch.rand(1)
     assert torch.equal(before, after)
-    views2 = draw_views(img, seed=1, n_local_crops=3, size=32, local_size=16)
+    views2 = draw_views(img, seed=1, n_local_crops=3, global_size=32, local_size=16)
     assert [v.box for v in views] == [v.box for v in views2]
     assert [v.kind for v in views] == ["global"] * 2 + ["local"] * 3
     assert [v.image.size for v in views] == [(32, 32)] * 2 + [(16, 16)] * 3
-    assert all(v.steps for v in draw_views(img, seed=1, n_local_crops=1, size=16, record_steps=True))
+    assert all(v.steps for v in draw_views(img, seed=1, n_local_crops=1, global_size=16, record_steps=True))
 
 
 def test_crop_explorer_draws_one_box_per_view():
-    fig = crop_explorer(_image(), seed=1, n_local_crops=3, size=32, local_size=16)
+    fig = crop_explorer(_image(), seed=1, n_local_crops=3, global_size=32, local_size=16)
     boxes = fig.subfigs[0].axes[0]
     assert len(boxes.patches) == 5
+    assert [t.get_text() for t in boxes.texts] == ["G1", "G2", "L1", "L2", "L3"]
+    views = draw_views(_image(), seed=1, n_local_crops=3, global_size=32, local_size=16)
+    left, top, right, bottom = views[2].box
+    rect = boxes.patches[2]
+    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (left, top, right - left, bottom - top)
     titles = [ax.get_title() for ax in fig.subfigs[1].axes if ax.get_title()]
     assert titles == ["G1: 32px", "G2: 32px", "L1: 16px", "L2: 16px", "L3: 16px"]
 
@@ -174,11 +179,11 @@ def test_image_row_and_steps_figure():
         image_row([])
     from dino_nb import DataAugmentation
 
-    views = DataAugmentation(n_local_crops=1, size=16, local_size=8).views(_image(), record_steps=True)
+    views = DataAugmentation(n_local_crops=1, global_size=16, local_size=8).views(_image(), record_steps=True)
     fig = steps_figure(views)
     assert len(fig.axes) == 3 * max(len(v.steps) for v in views)
     with pytest.raises(ValueError, match="record_steps"):
-        steps_figure(DataAugmentation(n_local_crops=0, size=16).views(_image()))
+        steps_figure(DataAugmentation(n_local_crops=0, global_size=16).views(_image()))
 
 
 # ---------------------------------------------------------------- temperature

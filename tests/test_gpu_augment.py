@@ -277,7 +277,7 @@ def test_same_distribution_of_views_as_the_cpu_pipeline():
     """Frequencies of every augmentation per view kind, crop area and aspect, brightness."""
     n, size = 300, 32
     img = smooth_image(size)
-    cpu = DataAugmentation(n_local_crops=2, size=16, local_size=8, normalize=False)
+    cpu = DataAugmentation(n_local_crops=2, global_size=16, local_size=8, normalize=False)
     gpu = GPUMultiCrop.from_augmentation(cpu)
     gpu.normalize = False
     torch.manual_seed(0)

@@ -108,3 +108,28 @@ def test_backbone_from_checkpoint(tmp_path, pair):
     student.train()
     with pytest.raises(ValueError):
         backbone_from_checkpoint(str(path), which="both")
+
+
+def test_student_teacher_from_config_uses_every_head_field():
+    from dataclasses import replace
+
+    from dino_nb.config import preset
+    from dino_nb.models import student_teacher_from_config, unwrap_backbone
+
+    cfg = replace(
+        preset("cpu"),
+        model="vit_tiny_patch16_224",
+        model_kwargs=dict(TINY, depth=2),  # one block gets drop-path rate 0
+        out_dim=16,
+        hidden_dim=24,
+        bottleneck_dim=8,
+        head_layers=2,
+        drop_path_rate=0.1,
+    )
+    student, teacher = student_teacher_from_config(cfg)
+    linears = [m for m in student.new_head.mlp.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [24, 8]  # head_layers=2: hidden, bottleneck
+    assert student.new_head.last_layer.out_features == 16
+    assert any(isinstance(m, DropPath) for m in student.modules())
+    assert not any(isinstance(m, DropPath) for m in teacher.modules())
+    assert unwrap_backbone(student) is student.backbone and unwrap_backbone(student.backbone) is student.backbone

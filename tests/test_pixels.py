@@ -212,7 +212,7 @@ def canvases(n, size=24, seed=0):
 
 
 def test_collate_shapes_dtypes_and_determinism():
-    aug = DataAugmentation(n_local_crops=3, size=16, local_size=8, normalize=False)
+    aug = DataAugmentation(n_local_crops=3, global_size=16, local_size=8, normalize=False)
     collate = px.MultiCropCollate(aug)
     images = canvases(4)
     batch = [(img, i % 2, 1000 + i) for i, img in enumerate(images)]
@@ -224,7 +224,7 @@ def test_collate_shapes_dtypes_and_determinism():
     other, _ = collate([(img, t, s + 1) for img, t, s in batch])
     assert not any(torch.equal(a, b) for a, b in zip(crops, other, strict=True))
 
-    normalised, _ = px.MultiCropCollate(DataAugmentation(n_local_crops=3, size=16, local_size=8))(
+    normalised, _ = px.MultiCropCollate(DataAugmentation(n_local_crops=3, global_size=16, local_size=8))(
         batch
     )
     assert all(c.dtype == torch.float32 for c in normalised)
@@ -235,7 +235,7 @@ def test_collate_shapes_dtypes_and_determinism():
 
 def test_collate_uint8_matches_the_float_views():
     batch = [(img, 0, 7 + i) for i, img in enumerate(canvases(3))]
-    aug = DataAugmentation(n_local_crops=1, size=16, local_size=8, normalize=False)
+    aug = DataAugmentation(n_local_crops=1, global_size=16, local_size=8, normalize=False)
     crops, _ = px.MultiCropCollate(aug)(batch)
     collate = px.MultiCropCollate(aug)
     images = torch.stack([b[0] for b in batch])
@@ -246,7 +246,7 @@ def test_collate_uint8_matches_the_float_views():
 
 
 def test_loader_worker_gives_the_main_process_batches(data):
-    aug = DataAugmentation(n_local_crops=2, size=12, local_size=8, normalize=False)
+    aug = DataAugmentation(n_local_crops=2, global_size=12, local_size=8, normalize=False)
     ds = px.WithSeeds(px.CachedCanvases(train_set(data), 16, progress=False))
     runs = []
     for workers in (0, 1):
@@ -277,6 +277,6 @@ def test_imagenette_mini_is_cached_outside_the_shared_folder(tmp_path, monkeypat
     decode = DecodeResize(32)
     for i in (0, len(folder) // 2, len(folder) - 1):
         assert torch.equal(ds[i][0], decode(decode.open(folder.samples[i][0])))
-    aug = DataAugmentation(n_local_crops=2, size=24, local_size=16, normalize=False)
+    aug = DataAugmentation(n_local_crops=2, global_size=24, local_size=16, normalize=False)
     crops, labels = px.MultiCropCollate(aug)([(*px.WithSeeds(ds)[(i, i)],) for i in range(8)])
     assert crops[0].shape == (8, 3, 24, 24) and labels.tolist() == ds.targets[:8]

@@ -102,7 +102,7 @@ class Images:
 
 
 def test_seeded_dataset_same_key_same_sample_and_rng_untouched():
-    ds = SeededDataset(Images(), DataAugmentation(n_local_crops=2, size=8, local_size=4))
+    ds = SeededDataset(Images(), DataAugmentation(n_local_crops=2, global_size=8, local_size=4))
     assert len(ds) == 6
     torch.manual_seed(99)
     state = torch.get_rng_state()

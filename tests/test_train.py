@@ -20,7 +20,7 @@ from dino_nb.config import preset
 from dino_nb.distributed import DistInfo, resolve_precision
 from dino_nb.engine import build_run, build_training_data, seed_everything, train_step
 from dino_nb.loss import Loss
-from dino_nb.models import build_student_teacher
+from dino_nb.models import student_teacher_from_config
 from dino_nb.synthetic import generate
 from dino_nb.train import NonFiniteLossError, export_backbone, train
 
@@ -104,10 +104,7 @@ def test_train_writes_run_folder_logs_and_schedules(tiny_data: Path, tmp_path: P
 def test_teacher_is_ema_of_student_and_never_optimised(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=3)
     state = ckpt_io.load(train(cfg).checkpoint)
-    student, teacher = build_student_teacher(
-        cfg.model, cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-        n_layers=cfg.head_layers, norm_last_layer=cfg.norm_last_layer, model_kwargs=cfg.model_kwargs,
-    )
+    student, teacher = student_teacher_from_config(cfg)
     # the optimizer has one state entry per trainable student parameter, none for the teacher,
     # except the last layer's g and v: their gradients are cancelled during the first epoch
     n_trainable = sum(p.requires_grad for p in student.parameters())
