@@ -14,8 +14,9 @@ else:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 REPO = Path(__file__).resolve().parents[1]
-#: conda package names that differ from their PyPI names
-CONDA_TO_PYPI = {"pytorch": "torch"}
+#: conda-forge package names that differ from their PyPI names (the -gpu/-cpu metapackages
+#: pick a build of the same PyTorch)
+CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-gpu": "torch", "pytorch-cpu": "torch"}
 
 
 def _name_and_spec(requirement: str) -> tuple[str, str]:
@@ -24,47 +25,63 @@ def _name_and_spec(requirement: str) -> tuple[str, str]:
     return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
 
 
-def _environment_yml() -> tuple[dict[str, str], dict[str, str]]:
-    """(conda dependencies, pip dependencies) of environment.yml, parsed without a YAML library."""
-    conda, pip, in_pip = {}, {}, False
-    text = (REPO / "environment.yml").read_text()
-    for line in text[text.index("dependencies:") :].splitlines()[1:]:
-        if line.strip().startswith("#") or not line.strip():
+def _lower_bound(spec: str) -> tuple[int, ...]:
+    """``(2, 1)`` for ``">=2.1"``: the only specifier either file should need."""
+    m = re.fullmatch(r">=(\d+(?:\.\d+)*)", spec)
+    assert m, f"expected a lower bound like '>=2.1', got {spec!r}"
+    return tuple(int(p) for p in m.group(1).split("."))
+
+
+def _environment_yml() -> tuple[list[str], dict[str, str], list[str]]:
+    """(channels, conda dependencies by PyPI name, pip lines) of environment.yml, without a YAML library."""
+    channels, conda, pip, section = [], {}, [], None
+    for line in (REPO / "environment.yml").read_text().splitlines():
+        if not line.strip() or line.strip().startswith("#"):
             continue
-        if re.match(r"^\s{2}- pip:\s*$", line):
-            in_pip = True
+        if not line.startswith(" "):  # a top-level key
+            section = line.split(":")[0]
             continue
-        m = re.match(r"^(\s*)- (.+)$", line)
-        if not m:
-            continue
-        item = m.group(2).strip()
-        if in_pip and len(m.group(1)) > 2:
-            if not item.startswith("-e"):
-                name, spec = _name_and_spec(item)
-                pip[name] = spec
+        m = re.match(r"^(\s*)- (.+?)\s*$", line)
+        assert m, f"unexpected line in environment.yml: {line!r}"
+        indent, item = len(m.group(1)), m.group(2)
+        if section == "channels":
+            channels.append(item)
+        elif item == "pip:":
+            section = "pip"
+        elif section == "pip" and indent > 2:
+            pip.append(item)
         else:
-            in_pip = False
+            section = "dependencies"
             name, spec = _name_and_spec(item)
             if name not in ("python", "pip"):
+                assert CONDA_TO_PYPI.get(name, name) not in conda, f"{name} listed twice"
                 conda[CONDA_TO_PYPI.get(name, name)] = spec
-    return conda, pip
+    return channels, conda, pip
 
 
 def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_environment_yml_matches_pyproject_dependencies() -> None:
-    project = _pyproject()["project"]
-    runtime = dict(_name_and_spec(r) for r in project["dependencies"])
-    dev = dict(_name_and_spec(r) for r in project["optional-dependencies"]["dev"])
-    conda, pip = _environment_yml()
-    assert conda == runtime, "environment.yml's conda dependencies differ from pyproject's dependencies"
-    assert pip == dev, "environment.yml's pip dependencies differ from pyproject's [dev] extra"
+def test_environment_yml_uses_conda_forge_alone() -> None:
+    # PyTorch's own channel stopped at 2.5 (pytorch/pytorch#138506); conda-forge builds it
+    channels, _, _ = _environment_yml()
+    assert channels == ["conda-forge"]
 
 
-def test_environment_yml_installs_the_package_editable() -> None:
-    assert "- -e .[dev]" in (REPO / "environment.yml").read_text()
+def test_environment_yml_has_every_runtime_dependency_from_conda_forge() -> None:
+    runtime = dict(_name_and_spec(r) for r in _pyproject()["project"]["dependencies"])
+    _, conda, _ = _environment_yml()
+    assert conda.keys() == runtime.keys(), "conda packages differ from pyproject's dependencies"
+    for name, spec in runtime.items():
+        # conda may ask for more than pip, never less: pip would then replace conda's build
+        assert _lower_bound(conda[name]) >= _lower_bound(spec), (name, conda[name], spec)
+
+
+def test_environment_yml_installs_the_package_with_pip_alone() -> None:
+    # the [dev] extra comes from pyproject.toml, not from a second list that could drift
+    _, _, pip = _environment_yml()
+    assert pip == ["-e .[dev]"]
 
 
 def test_torch_is_a_range_not_a_pin() -> None:
