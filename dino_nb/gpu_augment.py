@@ -33,6 +33,14 @@ Differences from the CPU pipeline, all small:
 ``tests/test_gpu_augment.py`` compares the two pipelines' statistics (crop area and
 aspect, frequency of every augmentation per view kind, brightness).
 
+Why hand-written rather than ``kornia.augmentation``: the same views from kornia 0.9
+(``benchmarks/kornia_multicrop.py``) pass the same statistical tests but were 1.34-1.39x
+slower on a 2-core CPU (``benchmarks/bench_gpu_augment.py``, one thread, load 1.1-2.8:
+21.8 vs 16.1 images/s for 2 x 224 + 8 x 96 from a 256 canvas, 243 vs 183 for
+2 x 64 + 6 x 32 from a 73 canvas), mostly in its colour jitter and blur; they also draw
+one jitter order per batch instead of per image and do not anti-alias shrinking crops.
+``benchmarks/README.md`` has the full table.
+
 Examples:
     >>> decode = DecodeResize(64)
     >>> images = torch.stack([decode(Image.new("RGB", (80, 60))) for _ in range(4)])

@@ -87,3 +87,56 @@ def test_bench_loader_quick_prints_three_paths_and_the_step(tmp_path):
         assert rate > 0 and ratio > 0 and ms > 0
     assert (data / ".dino_nb_cache").is_dir()  # the pixel cache was built beside the data
     assert re.search(r"reference: the training step .* [0-9.]+ images/s", result.stdout)
+
+
+@pytest.mark.slow
+def test_bench_gpu_augment_quick_prints_a_row_per_setting():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu_augment.py", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert [c.strip() for c in rows[0].split("|")[1:-1]] == [
+        "setting",
+        "threads",
+        "hand-written",
+        "kornia",
+        "ratio",
+    ]
+    assert len(rows) == 1 + 2  # header + the paper's views from a 256 canvas + small photos
+    for row in rows[1:]:
+        hand, kornia, ratio = (c.strip() for c in row.split("|")[3:6])
+        assert float(hand) > 0
+        assert (kornia, ratio) == ("n/a", "n/a") or (float(kornia) > 0 and float(ratio) > 0)
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_every_row_on_the_cpu(tmp_path):
+    """The GPU check's table, shrunk to a CPU smoke run: every row prints a positive rate."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row.split("|")[1].strip() for row in rows[1:]]
+    assert names == [
+        "step fp32",
+        "loop, CPU PIL augment",
+        "loop, --gpu-augment",
+        "imagenette preset, 4 steps",
+        "evaluation features (autocast)",
+    ]
+    for row in rows[1:]:
+        assert float(row.split("|")[2]) > 0
