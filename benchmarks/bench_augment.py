@@ -119,7 +119,9 @@ def main(argv=None):
     rows = []
     for name, kw, p_jitter in settings:
         # the tutorial calls the global crops' side ``size``
-        base = seed_baseline.DataAugmentation(**{"size" if k == "global_size" else k: v for k, v in kw.items()})
+        base = seed_baseline.DataAugmentation(
+            **{"size" if k == "global_size" else k: v for k, v in kw.items()}
+        )
         ours = DataAugmentation(**kw, normalize=False)
         fns = {
             "baseline": make_pass(paths, args.images, base, baseline_collate),

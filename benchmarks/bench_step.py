@@ -89,7 +89,9 @@ class Contender:
             )
             self.crops = [torch.randn(b, 3, 224, 224, device=device) for _ in range(2 + n_local)]
         else:
-            precision = "fp32" if kind == "ours-fp32" else ("bf16" if bf16_available(device) else "fp16")
+            precision = (
+                "fp32" if kind == "ours-fp32" else ("bf16" if bf16_available(device) else "fp16")
+            )
             cfg = preset(
                 "imagenette",
                 model=args.model,

@@ -88,7 +88,9 @@ def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0]  # (n_images, n_tokens, dim), after the block's norm1
         b, n, _ = x.shape
-        qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = (
+            module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+        )
         q, k, _v = qkv.unbind(0)  # each (n_images, n_heads, n_tokens, head_dim)
         q, k = module.q_norm(q).float(), module.k_norm(k).float()
         logits = (q * module.scale) @ k.transpose(-2, -1)  # (n_images, n_heads, n_tokens, n_tokens)

@@ -258,13 +258,20 @@ class MultiCropSettings:
         local_size: int | None = None,
         normalize: bool = True,
     ) -> None:
-        for name, rng in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+        for name, rng in (
+            ("global_crops_scale", global_crops_scale),
+            ("local_crops_scale", local_crops_scale),
+        ):
             if len(rng) != 2 or not 0 < rng[0] <= rng[1] <= 1:
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1, got {tuple(rng)}")
+                raise ValueError(
+                    f"{name} must be (low, high) with 0 < low <= high <= 1, got {tuple(rng)}"
+                )
         if n_local_crops < 0:
             raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
         if global_size <= 0 or (local_size is not None and local_size <= 0):
-            raise ValueError(f"crop sizes must be positive, got global_size={global_size}, local_size={local_size}")
+            raise ValueError(
+                f"crop sizes must be positive, got global_size={global_size}, local_size={local_size}"
+            )
         self.global_crops_scale = (float(global_crops_scale[0]), float(global_crops_scale[1]))
         self.local_crops_scale = (float(local_crops_scale[0]), float(local_crops_scale[1]))
         self.n_local_crops = int(n_local_crops)
@@ -273,7 +280,14 @@ class MultiCropSettings:
         self.normalize = normalize
 
     def __repr__(self) -> str:
-        names = ("global_crops_scale", "local_crops_scale", "n_local_crops", "global_size", "local_size", "normalize")
+        names = (
+            "global_crops_scale",
+            "local_crops_scale",
+            "n_local_crops",
+            "global_size",
+            "local_size",
+            "normalize",
+        )
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in (*names, *self._repr_extra))
         return f"{type(self).__name__}({fields})"
 
@@ -357,7 +371,9 @@ class DataAugmentation(MultiCropSettings):
 
         def step(name: str) -> None:
             if record:  # show each step at the output size, whatever size it ran at
-                steps.append((name, x if x.size == (out, out) else x.resize((out, out), Image.BICUBIC)))
+                steps.append(
+                    (name, x if x.size == (out, out) else x.resize((out, out), Image.BICUBIC))
+                )
 
         step("crop")
         if view.flipped:
@@ -409,7 +425,9 @@ class DataAugmentation(MultiCropSettings):
             self._view(img, "global", g_blur, 0.0, record_steps),
             self._view(img, "global", g2_blur, P_SOLARIZE, record_steps),
         ]
-        out.extend(self._view(img, "local", l_blur, 0.0, record_steps) for _ in range(self.n_local_crops))
+        out.extend(
+            self._view(img, "local", l_blur, 0.0, record_steps) for _ in range(self.n_local_crops)
+        )
         return out
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:

@@ -85,14 +85,18 @@ class CollapseRun:
     max_entropy: float = 0.0
 
 
-def _toy_data(n_samples: int, dim: int, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
+def _toy_data(
+    n_samples: int, dim: int, n_clusters: int, generator: torch.Generator
+) -> torch.Tensor:
     """Gaussian clusters in ``dim`` dimensions: ``(n_samples, dim)``."""
     centers = torch.randn(n_clusters, dim, generator=generator) * 2.0  # (n_clusters, dim)
     which = torch.randint(0, n_clusters, (n_samples,), generator=generator)
     return centers[which] + torch.randn(n_samples, dim, generator=generator)
 
 
-def _two_views(x: torch.Tensor, generator: torch.Generator, noise: float, drop: float) -> list[torch.Tensor]:
+def _two_views(
+    x: torch.Tensor, generator: torch.Generator, noise: float, drop: float
+) -> list[torch.Tensor]:
     """Two "augmented" views: additive noise and random feature dropout, each ``(batch, dim)``."""
     views = []
     for _ in range(2):
@@ -146,7 +150,9 @@ def run_setting(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
-        student = MultiCropWrapper(backbone, Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2))
+        student = MultiCropWrapper(
+            backbone, Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2)
+        )
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -167,7 +173,9 @@ def run_setting(
         # measure before the loss updates the center: these are the targets of this step
         p_t = loss_fn.teacher_probs(teacher_out)  # 2 x (batch, K)
         with torch.no_grad():
-            log_p_s = [F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out]  # 2 x (batch, K)
+            log_p_s = [
+                F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out
+            ]  # 2 x (batch, K)
         run.entropy.append(float(mean_entropy(p_t)))
         run.batch_entropy.append(float(batch_mean_entropy(p_t)))
         run.kl.append(float(teacher_student_kl(p_t, log_p_s)))

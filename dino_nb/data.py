@@ -131,7 +131,9 @@ def _search(root: Path, max_depth: int) -> Path | None:
             continue
         names = _subdirs(folder)
         names.sort(key=lambda n: ("320" not in n, n))
-        queue.extend((folder / n, depth + 1) for n in names if n not in ("train", "val") and not _is_wnid(n))
+        queue.extend(
+            (folder / n, depth + 1) for n in names if n not in ("train", "val") and not _is_wnid(n)
+        )
     return None
 
 
@@ -236,7 +238,9 @@ def rgb_loader(path: str) -> Image.Image:
     """Open an image file and convert it to RGB (ImageNette holds grayscale and CMYK JPEGs)."""
     with open(path, "rb") as f:
         img = Image.open(f)
-        if img.mode == "P" and "transparency" in img.info:  # avoids PIL's palette-transparency warning
+        if (
+            img.mode == "P" and "transparency" in img.info
+        ):  # avoids PIL's palette-transparency warning
             img = img.convert("RGBA")
         return img.convert("RGB")
 
@@ -311,14 +315,20 @@ class RobustImageFolder(ImageFolder):
     """
 
     def __init__(
-        self, root: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None, *, strict: bool = False
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        strict: bool = False,
     ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
         classes = _subdirs(root)
         if not classes:
-            raise FileNotFoundError(f"{root} holds no class folders; expected {root}/<class>/<image>.jpg")
+            raise FileNotFoundError(
+                f"{root} holds no class folders; expected {root}/<class>/<image>.jpg"
+            )
         empty = [c for c in classes if not _has_image(root / c)]
         if empty:
             raise FileNotFoundError(
@@ -364,7 +374,9 @@ class RobustImageFolder(ImageFolder):
             if self.target_transform is not None:
                 target = self.target_transform(target)
             return sample, target
-        raise OSError(f"{_MAX_FALLBACK} unreadable images in a row near {path}; is the dataset damaged?")
+        raise OSError(
+            f"{_MAX_FALLBACK} unreadable images in a row near {path}; is the dataset damaged?"
+        )
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
@@ -390,7 +402,9 @@ def plain_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
     """
     return transforms.Compose(
         [
-            transforms.Resize(int(round(size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(
+                int(round(size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -458,7 +472,9 @@ class DatasetBundle:
         self.unreadable = dict(unreadable or {})
 
 
-def _drop_unreadable(root: Path, splits: Sequence[RobustImageFolder], strict: bool) -> dict[str, str]:
+def _drop_unreadable(
+    root: Path, splits: Sequence[RobustImageFolder], strict: bool
+) -> dict[str, str]:
     """Scan every file once; skip the bad ones with one warning, or raise under ``strict``."""
     bad: dict[str, str] = {}
     for ds in splits:
@@ -468,13 +484,19 @@ def _drop_unreadable(root: Path, splits: Sequence[RobustImageFolder], strict: bo
     listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items()))
     if strict:
         raise ValueError(f"{len(bad)} unreadable image(s) under {root} (strict mode):\n{listing}")
-    warnings.warn(f"skipping {len(bad)} unreadable image(s) under {root}:\n{listing}", DataWarning, stacklevel=3)
+    warnings.warn(
+        f"skipping {len(bad)} unreadable image(s) under {root}:\n{listing}",
+        DataWarning,
+        stacklevel=3,
+    )
     for ds in splits:
         ds.remove(bad)
         counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
         empty = [c for c, n in zip(ds.classes, counts, strict=True) if n == 0]
         if empty:
-            raise FileNotFoundError(f"{ds.root}: no readable images left in class folder(s) {', '.join(empty)}")
+            raise FileNotFoundError(
+                f"{ds.root}: no readable images left in class folder(s) {', '.join(empty)}"
+            )
     return bad
 
 
@@ -533,7 +555,9 @@ def projector_subset(dataset: Dataset, n_per_class: int) -> Subset:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     targets = getattr(dataset, "targets", None)
     if targets is None:
-        raise ValueError(f"projector_subset needs a dataset with .targets, got {type(dataset).__name__}")
+        raise ValueError(
+            f"projector_subset needs a dataset with .targets, got {type(dataset).__name__}"
+        )
     targets = np.asarray(targets)
     indices: list[int] = []
     for c in np.unique(targets):
@@ -544,7 +568,9 @@ def projector_subset(dataset: Dataset, n_per_class: int) -> Subset:
     return Subset(dataset, indices)
 
 
-def collate_crops(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def collate_crops(
+    batch: list[tuple[list[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Stack a batch of multi-crop samples into one tensor per crop.
 
     Returns:
@@ -593,12 +619,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument(
-        "--find", nargs="?", const="", metavar="PATH", help="find ImageNette (below PATH, or in the usual places)"
+        "--find",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="find ImageNette (below PATH, or in the usual places)",
     )
     action.add_argument(
-        "--download", choices=("320px", "160px", "full"), metavar="SIZE", help="download 320px, 160px or full"
+        "--download",
+        choices=("320px", "160px", "full"),
+        metavar="SIZE",
+        help="download 320px, 160px or full",
     )
-    p.add_argument("--root", default=None, help="folder to download into (default: $DINO_NB_DATA or data/)")
+    p.add_argument(
+        "--root", default=None, help="folder to download into (default: $DINO_NB_DATA or data/)"
+    )
     p.add_argument("--url", default=None, help="download from this address instead (a mirror)")
     p.add_argument("--md5", default=None, help="expected md5 of the archive at --url")
     p.add_argument("--keep-archive", action="store_true", help="keep the .tgz after extracting it")

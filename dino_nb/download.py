@@ -94,7 +94,13 @@ def _progress(total: int | None, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not enabled,
     )
 
 
@@ -128,7 +134,10 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> bool:
         if total is not None:
             _check_free_space(part.parent, total - offset)
         received = 0
-        with open(part, mode) as f, _progress(total, offset, part.name.removesuffix(".part"), progress) as bar:
+        with (
+            open(part, mode) as f,
+            _progress(total, offset, part.name.removesuffix(".part"), progress) as bar,
+        ):
             while True:
                 try:
                     block = response.read(_CHUNK)
@@ -145,7 +154,9 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> bool:
 def _check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OSError(f"not enough disk space in {folder}: {needed / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free")
+        raise OSError(
+            f"not enough disk space in {folder}: {needed / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free"
+        )
 
 
 def download_file(
@@ -215,7 +226,11 @@ def download_file(
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     """Why a tar member must not be extracted, or ``None`` when it is a plain file or folder."""
     name = member.name
-    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+    if (
+        name.startswith(("/", "\\"))
+        or PureWindowsPath(name).drive
+        or PurePosixPath(name).is_absolute()
+    ):
         return "absolute path"
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         return "'..' in path"
@@ -247,7 +262,9 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
     try:
         _extract_members(archive, dest)
     except (tarfile.TarError, EOFError, zlib_error) as err:  # damaged or not a tar archive at all
-        raise ValueError(f"{archive} is not a readable tar archive ({err}); delete it and download again") from err
+        raise ValueError(
+            f"{archive} is not a readable tar archive ({err}); delete it and download again"
+        ) from err
 
 
 def _extract_members(archive: str | os.PathLike, dest: Path) -> None:
@@ -255,10 +272,14 @@ def _extract_members(archive: str | os.PathLike, dest: Path) -> None:
         for member in tar:  # streams: one pass over the (compressed) archive
             reason = _unsafe_reason(member)
             if reason is not None:
-                raise ValueError(f"refusing to extract {archive}: member {member.name!r} is unsafe ({reason})")
+                raise ValueError(
+                    f"refusing to extract {archive}: member {member.name!r} is unsafe ({reason})"
+                )
             target = (dest / member.name).resolve()
             if target != dest and dest not in target.parents:  # belt and braces
-                raise ValueError(f"refusing to extract {archive}: member {member.name!r} leaves the target")
+                raise ValueError(
+                    f"refusing to extract {archive}: member {member.name!r} leaves the target"
+                )
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -359,8 +380,12 @@ def download_imagenette(
     if (final / "train").is_dir() and (final / "val").is_dir():
         return final
     if final.exists():  # a folder without train/ and val/: not ours to replace
-        raise FileExistsError(f"{final} exists but holds no train/ and val/; remove it and run again")
-    archive = download_file(url, root / archive_name, md5, retries=retries, timeout=timeout, progress=progress)
+        raise FileExistsError(
+            f"{final} exists but holds no train/ and val/; remove it and run again"
+        )
+    archive = download_file(
+        url, root / archive_name, md5, retries=retries, timeout=timeout, progress=progress
+    )
     extract_atomic(archive, final)
     if not keep_archive:
         archive.unlink()

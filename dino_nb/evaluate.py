@@ -71,7 +71,10 @@ def inference(model: nn.Module, autocast: bool = True) -> Iterator[torch.device]
     dtype = autocast_dtype(device) if autocast else None
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        ):
             yield device
     finally:
         model.train(was_training)
@@ -120,7 +123,9 @@ def extract_features(
     """
     backbone = unwrap_backbone(backbone)
     if cache_path is not None and not cache_key:
-        raise ValueError("cache_path needs a cache_key that changes with the weights (e.g. the training step)")
+        raise ValueError(
+            "cache_path needs a cache_key that changes with the weights (e.g. the training step)"
+        )
     fingerprint = _dataset_fingerprint(data_loader) if cache_path is not None else ""
     if cache_path is not None and Path(cache_path).is_file():
         from .checkpoint import load
@@ -143,12 +148,15 @@ def extract_features(
         from .checkpoint import save_atomic
 
         save_atomic(
-            {"key": cache_key, "dataset": fingerprint, "features": features, "labels": targets}, cache_path
+            {"key": cache_key, "dataset": fingerprint, "features": features, "labels": targets},
+            cache_path,
         )
     return features, targets
 
 
-def compute_knn(backbone: nn.Module, data_loader_train: DataLoader, data_loader_val: DataLoader) -> float:
+def compute_knn(
+    backbone: nn.Module, data_loader_train: DataLoader, data_loader_val: DataLoader
+) -> float:
     """The tutorial's kNN: sklearn's ``KNeighborsClassifier`` (k=5, Euclidean) on CLS embeddings.
 
     Args:
@@ -164,7 +172,9 @@ def compute_knn(backbone: nn.Module, data_loader_train: DataLoader, data_loader_
     return sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
 
 
-def compute_embedding(backbone: nn.Module, data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def compute_embedding(
+    backbone: nn.Module, data_loader: DataLoader
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Embeddings, images and class names of a (small) loader, for TensorBoard's projector.
 
     Returns:
@@ -184,7 +194,9 @@ def compute_embedding(backbone: nn.Module, data_loader: DataLoader) -> tuple[tor
 
 def _check_pair(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if features.ndim != 2:
-        raise ValueError(f"{name} features must be (n_samples, dim), got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"{name} features must be (n_samples, dim), got shape {tuple(features.shape)}"
+        )
     if features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"{name}: {features.shape[0]} feature rows but {labels.shape[0]} labels; they must match"
@@ -248,7 +260,9 @@ def weighted_knn_votes(
         num_classes = int(train_labels.max()) + 1
     sims, idx = nearest_neighbours(train_features, query_features, k, chunk_size)  # (n_query, k)
     votes = torch.zeros(query_features.shape[0], num_classes)
-    votes.scatter_add_(1, train_labels.cpu()[idx.cpu()], (sims.cpu() / temperature).exp())  # (n_query, num_classes)
+    votes.scatter_add_(
+        1, train_labels.cpu()[idx.cpu()], (sims.cpu() / temperature).exp()
+    )  # (n_query, num_classes)
     return votes
 
 
@@ -282,7 +296,10 @@ def weighted_knn(
     Returns:
         ``(top1, top5)`` accuracies as fractions in [0, 1].
     """
-    if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
+    if (
+        train_features.shape[0] != train_labels.shape[0]
+        or test_features.shape[0] != test_labels.shape[0]
+    ):
         raise ValueError("features and labels must have the same number of samples")
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise ValueError("weighted_knn needs at least one training and one test sample")
@@ -295,12 +312,18 @@ def weighted_knn(
     )  # (n_test, num_classes)
     ranked = votes.argsort(dim=1, descending=True, stable=True)
     top1 = (ranked[:, 0] == test_labels).float().mean().item()
-    top5 = (ranked[:, : min(5, num_classes)] == test_labels[:, None]).any(dim=1).float().mean().item()
+    top5 = (
+        (ranked[:, : min(5, num_classes)] == test_labels[:, None]).any(dim=1).float().mean().item()
+    )
     return top1, top5
 
 
 def sklearn_knn_topk(
-    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, k: int = 5
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    k: int = 5,
 ) -> tuple[float, float]:
     """The tutorial's sklearn kNN (Euclidean, uniform votes) with top-1 and top-5 accuracy.
 
@@ -359,7 +382,12 @@ def knn_sweep(
             train_features, train_labels, val_features, val_labels, k, temperature, num_classes
         )
         results.update(
-            {f"sklearn_k{k}_top1": s1, f"sklearn_k{k}_top5": s5, f"weighted_k{k}_top1": w1, f"weighted_k{k}_top5": w5}
+            {
+                f"sklearn_k{k}_top1": s1,
+                f"sklearn_k{k}_top5": s5,
+                f"weighted_k{k}_top1": w1,
+                f"weighted_k{k}_top5": w5,
+            }
         )
     return results
 
@@ -411,10 +439,14 @@ class KnnEvaluator:
     steps.
     """
 
-    def __init__(self, bundle: Any, cfg: Any, num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(
+        self, bundle: Any, cfg: Any, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
         g = torch.Generator().manual_seed(cfg.seed)
         n_train = len(bundle.train_plain)
-        subset = torch.randperm(n_train, generator=g)[: cfg.eval_train_subset].sort().values.tolist()
+        subset = (
+            torch.randperm(n_train, generator=g)[: cfg.eval_train_subset].sort().values.tolist()
+        )
         self.train_loader = make_loader(
             torch.utils.data.Subset(bundle.train_plain, subset),
             cfg.batch_size_eval,
@@ -437,7 +469,9 @@ class KnnEvaluator:
         """Scores of ``backbone``: weighted kNN top-1/top-5 and the sklearn kNN accuracy."""
         x_train, y_train = extract_features(backbone, self.train_loader)  # autocast on a GPU
         x_val, y_val = extract_features(backbone, self.val_loader)
-        top1, top5 = weighted_knn(x_train, y_train, x_val, y_val, self.k, self.temperature, self.num_classes)
+        top1, top5 = weighted_knn(
+            x_train, y_train, x_val, y_val, self.k, self.temperature, self.num_classes
+        )
         sklearn_top1 = sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
         return {"knn_top1": top1, "knn_top5": top5, "knn_sklearn": sklearn_top1}
 
@@ -464,7 +498,10 @@ def _pick_queries(labels: torch.Tensor, n: int) -> list[int]:
 
 def _format_table(results: dict[str, float], ks: Sequence[int], probe: float | None) -> str:
     lines = [f"{'metric':<24}{'k':>5}{'top-1':>9}{'top-5':>9}", "-" * 47]
-    for name, label in (("sklearn", "sklearn kNN (tutorial)"), ("weighted", "weighted kNN (paper)")):
+    for name, label in (
+        ("sklearn", "sklearn kNN (tutorial)"),
+        ("weighted", "weighted kNN (paper)"),
+    ):
         for k in ks:
             t1, t5 = results[f"{name}_k{k}_top1"], results[f"{name}_k{k}_top5"]
             lines.append(f"{label:<24}{k:>5}{100 * t1:>8.1f}%{100 * t5:>8.1f}%")
@@ -479,15 +516,45 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Evaluate a DINO checkpoint: kNN both ways, linear probe, and figures "
         "(embedding map, nearest neighbours, confusion matrix, self-attention maps).",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pth or best_model.pth of a training run")
-    p.add_argument("--data", default="builtin", help="folder with train/ and val/, or 'builtin' (default)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone (the paper uses the teacher)")
-    p.add_argument("--out", default=None, help="folder for the figures and metrics.json (default: <checkpoint folder>/eval)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pth or best_model.pth of a training run"
+    )
+    p.add_argument(
+        "--data", default="builtin", help="folder with train/ and val/, or 'builtin' (default)"
+    )
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="which backbone (the paper uses the teacher)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the figures and metrics.json (default: <checkpoint folder>/eval)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader workers")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
-    p.add_argument("--ks", type=int, nargs="+", default=list(PAPER_KS), help="neighbour counts of the kNN sweep")
-    p.add_argument("--cache", action="store_true", help="cache the training features in <out>/train_features.pt")
+    p.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader workers"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available",
+    )
+    p.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=list(PAPER_KS),
+        help="neighbour counts of the kNN sweep",
+    )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="cache the training features in <out>/train_features.pt",
+    )
     p.add_argument("--no-figures", action="store_true", help="print the table only")
     return p.parse_args(argv)
 
@@ -508,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_path = Path(args.checkpoint)
         ckpt = load(ckpt_path)
         if "config" not in ckpt or args.which not in ckpt:
-            raise ValueError(f"{ckpt_path} is not a dino_nb training checkpoint (needs 'config' and '{args.which}')")
+            raise ValueError(
+                f"{ckpt_path} is not a dino_nb training checkpoint (needs 'config' and '{args.which}')"
+            )
         config, step = ckpt["config"], ckpt.get("step")
         del ckpt
         size = int(config.get("global_size") or 224)
@@ -521,15 +590,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else ckpt_path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     train_loader = make_loader(
-        bundle.train_plain, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+        bundle.train_plain,
+        args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
     )
     val_loader = make_loader(
-        bundle.val_plain, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+        bundle.val_plain,
+        args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
     )
     stat = ckpt_path.stat()
     key = f"{ckpt_path.resolve()}|{args.which}|step={step}|mtime_ns={stat.st_mtime_ns}|bytes={stat.st_size}|size={size}"
     train_f, train_y = extract_features(
-        backbone, train_loader, cache_path=out / "train_features.pt" if args.cache else None, cache_key=key
+        backbone,
+        train_loader,
+        cache_path=out / "train_features.pt" if args.cache else None,
+        cache_key=key,
     )
     val_f, val_y = extract_features(backbone, val_loader)
     n_classes = len(bundle.classes)
@@ -537,9 +615,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = knn_sweep(train_f, train_y, val_f, val_y, ks=args.ks, num_classes=n_classes)
     probe = linear_probe(train_f, train_y, val_f, val_y) if len(torch.unique(train_y)) > 1 else None
     print(f"checkpoint {ckpt_path} ({args.which}, step {step}), data {bundle.root}, {device}")
-    print(f"features: train {tuple(train_f.shape)}, val {tuple(val_f.shape)}, {n_classes} classes, {size}px")
+    print(
+        f"features: train {tuple(train_f.shape)}, val {tuple(val_f.shape)}, {n_classes} classes, {size}px"
+    )
     print(_format_table(results, args.ks, probe))
-    metrics = {"checkpoint": str(ckpt_path), "which": args.which, "step": step, **results, "linear_probe_top1": probe}
+    metrics = {
+        "checkpoint": str(ckpt_path),
+        "which": args.which,
+        "step": step,
+        **results,
+        "linear_probe_top1": probe,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     if not args.no_figures:
@@ -577,13 +663,21 @@ def _write_figures(
     thumb_pos = torch.linspace(0, len(sub) - 1, min(len(sub), 60)).round().long().unique().tolist()
     thumbs = {pos: val_images[int(sub[pos])] for pos in thumb_pos}  # position in sub -> image
     for method in ("pca", "tsne"):
-        fig = viz.embedding_map(val_f[sub], val_y[sub], class_names=classes, images=thumbs, method=method)
+        fig = viz.embedding_map(
+            val_f[sub], val_y[sub], class_names=classes, images=thumbs, method=method
+        )
         save(fig, f"embedding_{method}.png")
 
     queries = _pick_queries(val_y, 6)
     sims, idx = nearest_neighbours(train_f, val_f[queries], k=5)  # (n_queries, k)
     fig = viz.neighbours_grid(
-        [val_images[q] for q in queries], val_y[queries], train_images, train_y, sims, idx, class_names=classes
+        [val_images[q] for q in queries],
+        val_y[queries],
+        train_images,
+        train_y,
+        sims,
+        idx,
+        class_names=classes,
     )
     save(fig, "neighbours.png")
 

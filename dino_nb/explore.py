@@ -68,7 +68,9 @@ class Profile:
         return self.name == "ci"
 
 
-def detect_platform(environ: Mapping[str, str] | None = None, modules: Mapping[str, Any] | None = None) -> str:
+def detect_platform(
+    environ: Mapping[str, str] | None = None, modules: Mapping[str, Any] | None = None
+) -> str:
     """``"kaggle"`` (``KAGGLE_KERNEL_RUN_TYPE`` set), ``"colab"`` (``google.colab`` imported) or ``"local"``."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
@@ -105,11 +107,17 @@ def pick_profile(
     cuda = pick_device("auto").type == "cuda" if cuda_available is None else cuda_available
     requested = environ.get(PROFILE_ENV, "").strip().lower()
     if requested and requested not in PROFILES:
-        raise ValueError(f"${PROFILE_ENV}={requested!r} is not a profile; use one of {', '.join(PROFILES)}")
+        raise ValueError(
+            f"${PROFILE_ENV}={requested!r} is not a profile; use one of {', '.join(PROFILES)}"
+        )
     if requested == "gpu" and not cuda:
         raise ValueError(f"${PROFILE_ENV}=gpu but no CUDA GPU is available; use cpu")
     name = requested or ("gpu" if cuda else "cpu")
-    profile = Profile(name=name, platform=detect_platform(environ, modules), device="cuda" if name == "gpu" else "cpu")  # type: ignore[arg-type]
+    profile = Profile(
+        name=name,
+        platform=detect_platform(environ, modules),
+        device="cuda" if name == "gpu" else "cpu",
+    )  # type: ignore[arg-type]
     if apply and profile.is_ci:
         torch.set_num_threads(1)
     return profile
@@ -199,7 +207,9 @@ def sample_photos(max_side: int | None = 320) -> list[tuple[str, Image.Image]]:
     return photos
 
 
-def sample_images(profile: Profile, per_class: int = 1, photos: bool = True) -> list[tuple[str, Image.Image]]:
+def sample_images(
+    profile: Profile, per_class: int = 1, photos: bool = True
+) -> list[tuple[str, Image.Image]]:
     """Images for the augmentation explorer: ``[(title, RGB image), ...]``.
 
     ImageNette's validation images when ImageNette is found and the profile is not ``ci``
@@ -229,7 +239,10 @@ def sample_images(profile: Profile, per_class: int = 1, photos: bool = True) -> 
     classes = sorted(p.name for p in val.iterdir() if p.is_dir() and not p.name.startswith("."))
     for cls, nice in zip(classes, class_names(classes), strict=True):
         files = sorted(f for f in (val / cls).iterdir() if f.is_file())[:per_class]
-        out.extend((nice if per_class == 1 else f"{nice} {i}", rgb_loader(str(f))) for i, f in enumerate(files))
+        out.extend(
+            (nice if per_class == 1 else f"{nice} {i}", rgb_loader(str(f)))
+            for i, f in enumerate(files)
+        )
     return out
 
 
@@ -285,7 +298,9 @@ def crop_explorer(
     """
     from matplotlib.patches import Rectangle
 
-    views = draw_views(image, seed, global_scale, local_scale, n_local_crops, global_size, local_size)
+    views = draw_views(
+        image, seed, global_scale, local_scale, n_local_crops, global_size, local_size
+    )
     labels = view_labels(views)
     colors = class_colors(max(len(views), 1))
     ncols = min(max(len(views), 2), 5)
@@ -298,11 +313,25 @@ def crop_explorer(
         x0, y0, x1, y1 = view.box
         is_global = view.kind == "global"
         ax.add_patch(
-            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
-                      linewidth=2.5 if is_global else 1.5, linestyle="-" if is_global else "--")
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.5 if is_global else 1.5,
+                linestyle="-" if is_global else "--",
+            )
         )
-        ax.text(x0 + 1, y0 + 1, label, color="white", fontsize=8, va="top",
-                bbox={"facecolor": color, "pad": 1, "edgecolor": "none"})
+        ax.text(
+            x0 + 1,
+            y0 + 1,
+            label,
+            color="white",
+            fontsize=8,
+            va="top",
+            bbox={"facecolor": color, "pad": 1, "edgecolor": "none"},
+        )
     ax.set_title(f"original {image.width}x{image.height}: {len(views)} crop boxes")
     ax.axis("off")
     axes = right.subplots(nrows, ncols, squeeze=False).flatten()
@@ -328,7 +357,9 @@ def single_augmentations(image: Image.Image, size: int = 224) -> list[tuple[str,
     image = image.convert("RGB")
     side = min(image.size)
     box = ((image.width - side) // 2, (image.height - side) // 2)
-    base = image.resize((size, size), Image.BICUBIC, box=(box[0], box[1], box[0] + side, box[1] + side))
+    base = image.resize(
+        (size, size), Image.BICUBIC, box=(box[0], box[1], box[0] + side, box[1] + side)
+    )
     b, c, s, h = JITTER
     return [
         ("centre crop", base),
@@ -339,11 +370,16 @@ def single_augmentations(image: Image.Image, size: int = 224) -> list[tuple[str,
         (f"hue {h:+g}", TF.adjust_hue(base, h)),
         ("grayscale", base.convert("L").convert("RGB")),
         ("blur sigma 2", base.filter(ImageFilter.GaussianBlur(radius=2.0))),
-        (f"solarize >= {SOLARIZE_THRESHOLD}", ImageOps.solarize(base, threshold=SOLARIZE_THRESHOLD)),
+        (
+            f"solarize >= {SOLARIZE_THRESHOLD}",
+            ImageOps.solarize(base, threshold=SOLARIZE_THRESHOLD),
+        ),
     ]
 
 
-def image_row(images: Sequence[tuple[str, Any]], ncols: int | None = None, size: float = 1.6) -> Figure:
+def image_row(
+    images: Sequence[tuple[str, Any]], ncols: int | None = None, size: float = 1.6
+) -> Figure:
     """Titled images in a grid (one row by default).
 
     Args:
@@ -392,7 +428,9 @@ def steps_figure(views: Sequence[View]) -> Figure:
 # --------------------------------------------------------------------------- notebook 03: temperature
 
 
-def tempered_softmax(logits: torch.Tensor, temperature: float, center: torch.Tensor | float = 0.0) -> torch.Tensor:
+def tempered_softmax(
+    logits: torch.Tensor, temperature: float, center: torch.Tensor | float = 0.0
+) -> torch.Tensor:
     """``softmax((logits - center) / temperature)`` over the last dimension.
 
     Raises:
@@ -426,7 +464,9 @@ def temperature_figure(logits: torch.Tensor, temperature: float, reference: floa
         h = float(-(p * p.clamp_min(1e-12).log()).sum())
         ax.bar(range(k), p.numpy(), color=color)
         ax.set_ylim(0, 1)
-        ax.set_title(f"softmax($g/\\tau$), $\\tau$={tau:g}: entropy {h:.2f} / {math.log(k):.2f}", fontsize=9)
+        ax.set_title(
+            f"softmax($g/\\tau$), $\\tau$={tau:g}: entropy {h:.2f} / {math.log(k):.2f}", fontsize=9
+        )
     for ax in axes:
         ax.set_xlabel("dimension")
     fig.tight_layout()
@@ -471,7 +511,9 @@ def attention_explorer(
         raise ValueError(f"index must be in [0, {n_images}), got {index}")
     if not -1 <= head < n_heads:
         raise ValueError(f"head must be -1 (mean) or in [0, {n_heads}), got {head}")
-    one = maps[index].float().mean(dim=0) if head == -1 else maps[index, head].float()  # (grid_h, grid_w)
+    one = (
+        maps[index].float().mean(dim=0) if head == -1 else maps[index, head].float()
+    )  # (grid_h, grid_w)
     keep = threshold_mask(one, threshold)  # (grid_h, grid_w)
     img = to_hwc(images[index])  # (H, W, 3)
     size = img.shape[:2]
@@ -485,7 +527,9 @@ def attention_explorer(
     axes[1].imshow(heat, cmap="inferno", alpha=0.6)
     axes[1].set_title("mean of heads" if head == -1 else f"head {head}", fontsize=9)
     axes[2].imshow(img * (0.2 + 0.8 * mask[..., None]))
-    axes[2].set_title(f"{threshold:.0%} of the mass: {int(keep.sum())} of {keep.numel()} patches", fontsize=9)
+    axes[2].set_title(
+        f"{threshold:.0%} of the mass: {int(keep.sum())} of {keep.numel()} patches", fontsize=9
+    )
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

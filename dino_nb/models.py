@@ -37,7 +37,9 @@ def is_vit(backbone: nn.Module) -> bool:
     return hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks")
 
 
-def build_backbone(name: str = "vit_small_patch16_224", pretrained: bool = False, **timm_kwargs: Any) -> nn.Module:
+def build_backbone(
+    name: str = "vit_small_patch16_224", pretrained: bool = False, **timm_kwargs: Any
+) -> nn.Module:
     """Create a timm model whose forward returns the pooled (CLS) embedding.
 
     The classifier is removed with ``num_classes=0``, so ``backbone(x)`` is
@@ -105,13 +107,19 @@ def build_student_teacher(
         ``(student, teacher)``, both :class:`~dino_nb.multicrop.MultiCropWrapper`.
     """
     model_kwargs = dict(model_kwargs or {})
-    student_backbone = build_backbone(name, pretrained, drop_path_rate=drop_path_rate, **model_kwargs)
+    student_backbone = build_backbone(
+        name, pretrained, drop_path_rate=drop_path_rate, **model_kwargs
+    )
     teacher_backbone = build_backbone(name, pretrained, **model_kwargs)
     dim = student_backbone.num_features
 
     head_args = (dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
-    student = MultiCropWrapper(student_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer))
+    student = MultiCropWrapper(
+        student_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer)
+    )
+    teacher = MultiCropWrapper(
+        teacher_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer)
+    )
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -138,7 +146,9 @@ def unwrap_backbone(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, MultiCropWrapper) else model
 
 
-def backbone_from_checkpoint(path: str, which: str = "teacher", map_location: str = "cpu") -> nn.Module:
+def backbone_from_checkpoint(
+    path: str, which: str = "teacher", map_location: str = "cpu"
+) -> nn.Module:
     """Rebuild the backbone saved in a training checkpoint (``checkpoint.pth`` or ``best_model.pth``).
 
     Args:

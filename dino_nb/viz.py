@@ -66,7 +66,11 @@ def to_hwc(image: ImageLike) -> np.ndarray:
         array = t.numpy()
     else:
         array = np.asarray(image)
-        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        array = (
+            array.astype(np.float32) / 255.0
+            if array.dtype == np.uint8
+            else array.astype(np.float32)
+        )
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3):
@@ -112,7 +116,11 @@ def project_2d(
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    x = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings, dtype=np.float32)
+    x = (
+        embeddings.detach().float().cpu().numpy()
+        if isinstance(embeddings, torch.Tensor)
+        else np.asarray(embeddings, dtype=np.float32)
+    )
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need (n_samples >= 2, dim) embeddings, got shape {x.shape}")
     if method == "pca":
@@ -126,13 +134,19 @@ def project_2d(
         perplexity = float(min(perplexity, max(1.0, (n - 1) / 3)))
         # exact gradients are cheaper than Barnes-Hut's set-up on small sets
         tsne_method = "exact" if n <= 300 else "barnes_hut"
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=tsne_method)
+        tsne = TSNE(
+            n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=tsne_method
+        )
         return tsne.fit_transform(x)
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
 
 
 def _class_name(label: int, class_names: Sequence[str] | None) -> str:
-    return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+    return (
+        class_names[label]
+        if class_names is not None and 0 <= label < len(class_names)
+        else str(label)
+    )
 
 
 def embedding_map(
@@ -176,19 +190,36 @@ def embedding_map(
     ax = fig.subplots()
     for c in np.unique(y):
         sel = y == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=colors[c], label=_class_name(int(c), class_names), alpha=0.8)
+        ax.scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            s=12,
+            color=colors[c],
+            label=_class_name(int(c), class_names),
+            alpha=0.8,
+        )
     if images is not None:
         if isinstance(images, Mapping):
             chosen = [(int(i), img) for i, img in images.items()]
         else:
             if len(images) != len(xy):
-                raise ValueError(f"{len(images)} images for {len(xy)} embeddings; pass one per sample or a dict")
-            idx = np.unique(np.linspace(0, len(images) - 1, min(n_thumbnails, len(images))).round().astype(int))
+                raise ValueError(
+                    f"{len(images)} images for {len(xy)} embeddings; pass one per sample or a dict"
+                )
+            idx = np.unique(
+                np.linspace(0, len(images) - 1, min(n_thumbnails, len(images))).round().astype(int)
+            )
             chosen = [(int(i), images[int(i)]) for i in idx]
         for i, img in chosen:
             arr = to_hwc(img)
             box = OffsetImage(arr, zoom=thumbnail_px / arr.shape[0])
-            ab = AnnotationBbox(box, tuple(xy[i]), frameon=True, pad=0.1, bboxprops={"edgecolor": colors[y[i]], "linewidth": 1.5})
+            ab = AnnotationBbox(
+                box,
+                tuple(xy[i]),
+                frameon=True,
+                pad=0.1,
+                bboxprops={"edgecolor": colors[y[i]], "linewidth": 1.5},
+            )
             ax.add_artist(ab)
     ax.set_title(f"embeddings ({method.upper() if method == 'pca' else 't-SNE'}), {len(y)} samples")
     ax.set_xticks([])
@@ -296,8 +327,18 @@ def confusion_matrix_figure(
             for j in range(n):
                 if cm[i, j]:
                     text = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if cm[i, j] > threshold else "black")
-    ax.set_title(f"confusion matrix ({'row-normalised' if normalize else 'counts'}), accuracy {np.mean(t == p):.1%}")
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if cm[i, j] > threshold else "black",
+                    )
+    ax.set_title(
+        f"confusion matrix ({'row-normalised' if normalize else 'counts'}), accuracy {np.mean(t == p):.1%}"
+    )
     fig.tight_layout()
     return fig
 
@@ -349,7 +390,9 @@ def attention_grid(
         ax.imshow(img)
         ax.imshow(up.mean(axis=0), cmap="inferno", alpha=alpha)
         ax.set_title("mean of heads", fontsize=9)
-        masks = upsample(threshold_mask(maps, threshold), size, "nearest").numpy()  # (n_heads, H, W)
+        masks = upsample(
+            threshold_mask(maps, threshold), size, "nearest"
+        ).numpy()  # (n_heads, H, W)
         for h in range(n_heads):
             dimmed = img * (0.25 + 0.75 * masks[h][..., None])
             axes[1, h + 1].imshow(dimmed)
@@ -523,8 +566,13 @@ def write_projector(
         side = min(thumbnail_size, 8192 // math.ceil(math.sqrt(n)))
         if max(label_img.shape[-2:]) > side:
             scale = side / max(label_img.shape[-2:])
-            new = (max(1, round(label_img.shape[-2] * scale)), max(1, round(label_img.shape[-1] * scale)))
-            label_img = F.interpolate(label_img, size=new, mode="bilinear", antialias=True, align_corners=False)
+            new = (
+                max(1, round(label_img.shape[-2] * scale)),
+                max(1, round(label_img.shape[-1] * scale)),
+            )
+            label_img = F.interpolate(
+                label_img, size=new, mode="bilinear", antialias=True, align_corners=False
+            )
         label_img = label_img.clamp(0, 1)
     metadata = [str(x).replace("\t", " ").replace("\n", " ") for x in labels]
 
@@ -537,7 +585,11 @@ def write_projector(
         writer = log_dir_or_writer
     try:
         writer.add_embedding(
-            embeddings.detach().float().cpu(), metadata=metadata, label_img=label_img, global_step=step, tag=tag
+            embeddings.detach().float().cpu(),
+            metadata=metadata,
+            label_img=label_img,
+            global_step=step,
+            tag=tag,
         )
         writer.flush()
     finally:

@@ -134,7 +134,9 @@ def box_inside(box, width, height):
 @pytest.mark.parametrize("width,height", [(40, 30), (30, 40), (5, 7), (100, 12), (1, 1)])
 def test_crop_boxes_inside_the_image(width, height):
     torch.manual_seed(0)
-    a = aug(n_local=4, global_size=16, local_size=8)  # crops larger than the (5, 7) and (1, 1) images
+    a = aug(
+        n_local=4, global_size=16, local_size=8
+    )  # crops larger than the (5, 7) and (1, 1) images
     img = random_image(width, height)
     for _ in range(25):
         views = a.views(img)
@@ -301,16 +303,20 @@ def test_colour_ops_match_torchvision_bit_for_bit(seed):
     img = random_image(23, 17, seed=seed)
     for factor in [0.0, 0.6, 1.0, 1.4, *rng.uniform(0.6, 1.4, 20)]:
         assert np.array_equal(
-            np.asarray(A.adjust_brightness(img, factor)), np.asarray(TF.adjust_brightness(img, factor))
+            np.asarray(A.adjust_brightness(img, factor)),
+            np.asarray(TF.adjust_brightness(img, factor)),
         )
         assert np.array_equal(
             np.asarray(A.adjust_contrast(img, factor)), np.asarray(TF.adjust_contrast(img, factor))
         )
         assert np.array_equal(
-            np.asarray(A.adjust_saturation(img, factor)), np.asarray(TF.adjust_saturation(img, factor))
+            np.asarray(A.adjust_saturation(img, factor)),
+            np.asarray(TF.adjust_saturation(img, factor)),
         )
     for hue in [-0.1, -0.05, 0.0, 0.003, 0.1, *rng.uniform(-0.1, 0.1, 20)]:
-        assert np.array_equal(np.asarray(A.adjust_hue(img, hue)), np.asarray(TF.adjust_hue(img, hue)))
+        assert np.array_equal(
+            np.asarray(A.adjust_hue(img, hue)), np.asarray(TF.adjust_hue(img, hue))
+        )
 
 
 def test_jitter_is_applied_in_the_order_of_its_keys():
@@ -385,7 +391,9 @@ def test_views_worked_on_the_small_crop_box_match_the_resize_first_order():
                 # upsampled blur would be several times too wide
                 blurred += 1
                 wrong = flip_colour_blur(img.crop(v.box), v).resize((224, 224), Image.BICUBIC)
-                wrong_diff = np.abs(np.asarray(wrong, dtype=np.float64) - render_resize_first(img, v, 224))
+                wrong_diff = np.abs(
+                    np.asarray(wrong, dtype=np.float64) - render_resize_first(img, v, 224)
+                )
                 assert wrong_diff.mean() > 2 * diff.mean()
     assert on_box > 20 and blurred > 0
 
@@ -410,5 +418,7 @@ def test_random_decisions_do_not_depend_on_the_pixels():
     for content_seed in (0, 1):
         torch.manual_seed(7)
         views = a.views(random_image(40, 30, seed=content_seed))
-        records.append([(v.box, v.flipped, v.jitter, v.grayscale, v.blur_sigma, v.solarized) for v in views])
+        records.append(
+            [(v.box, v.flipped, v.jitter, v.grayscale, v.blur_sigma, v.solarized) for v in views]
+        )
     assert records[0] == records[1]

@@ -12,14 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_aug(size: int = 32) -> DataAugmentation:
-    return DataAugmentation((0.4, 1.0), (0.05, 0.4), n_local_crops=2, global_size=size, local_size=size // 2)
+    return DataAugmentation(
+        (0.4, 1.0), (0.05, 0.4), n_local_crops=2, global_size=size, local_size=size // 2
+    )
 
 
 # --------------------------------------------------------------------------- labels
 
 
 def test_labels_file_and_package_copy_are_identical():
-    assert (REPO / "data/imagenette_labels.json").read_bytes() == (REPO / "dino_nb/imagenette_labels.json").read_bytes()
+    assert (REPO / "data/imagenette_labels.json").read_bytes() == (
+        REPO / "dino_nb/imagenette_labels.json"
+    ).read_bytes()
 
 
 def test_labels_content():
@@ -37,7 +41,9 @@ def test_labels_content():
 
 
 def test_find_kaggle_style_nested_folder(tmp_path):
-    root = make_imagenette_like(tmp_path / "input" / "imagenette" / "imagenette2-320" / "imagenette2-320")
+    root = make_imagenette_like(
+        tmp_path / "input" / "imagenette" / "imagenette2-320" / "imagenette2-320"
+    )
     assert D.find_imagenette(search_roots=[tmp_path / "input"]) == root
     assert D.find_imagenette(tmp_path / "input") == root  # explicit path: nested search too
     assert D.find_imagenette(root) == root
@@ -47,7 +53,10 @@ def test_find_prefers_earlier_roots_and_320(tmp_path):
     a = make_imagenette_like(tmp_path / "a" / "imagenette2-160")
     b = make_imagenette_like(tmp_path / "b" / "imagenette2-160")
     a320 = make_imagenette_like(tmp_path / "a" / "imagenette2-320")
-    assert D.find_imagenette(search_roots=[tmp_path / "missing", tmp_path / "a", tmp_path / "b"]) == a320
+    assert (
+        D.find_imagenette(search_roots=[tmp_path / "missing", tmp_path / "a", tmp_path / "b"])
+        == a320
+    )
     assert D.find_imagenette(search_roots=[tmp_path / "b", tmp_path / "a"]) == b
     assert a.is_dir()
 
@@ -60,7 +69,9 @@ def test_find_depth_is_bounded_and_hidden_folders_skipped(tmp_path):
     msg = str(info.value)
     assert str(tmp_path) in msg and f"{tmp_path / 'nope'} (missing)" in msg
     assert "python -m dino_nb.data --download 320px" in msg
-    assert D.find_imagenette(search_roots=[tmp_path], max_depth=4) == tmp_path / "1" / "2" / "3" / "4"
+    assert (
+        D.find_imagenette(search_roots=[tmp_path], max_depth=4) == tmp_path / "1" / "2" / "3" / "4"
+    )
 
 
 def test_find_needs_the_imagenette_class_ids(tmp_path):
@@ -147,7 +158,9 @@ def _bad_folder(tmp_path: Path) -> tuple[Path, list[str]]:
     root = make_folder(tmp_path, classes=("a", "b"), n_train=2, n_val=1)
     garbage = tmp_path / "train/a/garbage.jpg"
     garbage.write_bytes(b"this is not an image")
-    truncated = write_image(tmp_path / "train/b/truncated.jpg", size=(200, 150))  # big enough to cut in the pixels
+    truncated = write_image(
+        tmp_path / "train/b/truncated.jpg", size=(200, 150)
+    )  # big enough to cut in the pixels
     good = truncated.read_bytes()
     truncated.write_bytes(good[: len(good) // 2])
     png = write_image(tmp_path / "val/a/cut.png", fmt="PNG").read_bytes()
@@ -202,7 +215,10 @@ def test_unreadable_file_met_at_load_time(tmp_path):
 def test_class_with_only_unreadable_files(tmp_path):
     root = make_folder(tmp_path, classes=("a", "b"), n_train=1, n_val=1)
     (tmp_path / "train/b/0.jpg").write_bytes(b"junk")
-    with pytest.warns(D.DataWarning), pytest.raises(FileNotFoundError, match="no readable images left in class folder.*b"):
+    with (
+        pytest.warns(D.DataWarning),
+        pytest.raises(FileNotFoundError, match="no readable images left in class folder.*b"),
+    ):
         D.build_datasets(root, tiny_aug(), 32)
 
 
@@ -260,7 +276,10 @@ def test_projector_subset_is_fixed_and_balanced(tmp_path):
 
 
 def test_collate_crops():
-    batch = [([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1), ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 0)]
+    batch = [
+        ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1),
+        ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 0),
+    ]
     crops, labels = D.collate_crops(batch)
     assert crops[0].shape == (2, 3, 4, 4) and crops[1].shape == (2, 3, 2, 2)
     assert crops[0][1].sum() == 48 and labels.tolist() == [1, 0]
@@ -277,7 +296,9 @@ def test_builtin_still_resolves(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the real photos
 
 
-@pytest.mark.skipif(not MINI.is_dir(), reason=f"{MINI} not present (a fresh clone has no ../shared)")
+@pytest.mark.skipif(
+    not MINI.is_dir(), reason=f"{MINI} not present (a fresh clone has no ../shared)"
+)
 def test_imagenette_mini_through_the_real_path():
     root = D.find_imagenette(MINI)
     assert root == MINI and D.is_imagenette_root(root)

@@ -46,7 +46,11 @@ def test_missing_torchvision_table_fails_gracefully(monkeypatch, tmp_path):
     blob = tar_of_folder(src, "imagenette2-320")
     with LoopbackServer({"/imagenette2-320.tgz": blob}) as srv:
         root = dl.download_imagenette(
-            "320px", tmp_path / "data", url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False
+            "320px",
+            tmp_path / "data",
+            url=srv.url("/imagenette2-320.tgz"),
+            md5=md5(blob),
+            progress=False,
         )
     assert root == tmp_path / "data" / "imagenette2-320"
 
@@ -62,7 +66,9 @@ def test_unknown_size(tmp_path):
 def test_complete_download(tmp_path):
     data = big_payload()
     with LoopbackServer({"/f.bin": data}) as srv:
-        out = dl.download_file(srv.url("/f.bin"), tmp_path / "sub" / "f.bin", md5(data), progress=False)
+        out = dl.download_file(
+            srv.url("/f.bin"), tmp_path / "sub" / "f.bin", md5(data), progress=False
+        )
     assert out.read_bytes() == data
     assert not (tmp_path / "sub" / "f.bin.part").exists()
     assert srv.requests == [("/f.bin", None)]
@@ -131,13 +137,17 @@ def test_download_imagenette_end_to_end(tmp_path):
     blob = tar_of_folder(src, "imagenette2-320")
     root = tmp_path / "data"
     with LoopbackServer({"/imagenette2-320.tgz": blob}, cut_after=len(blob) // 2) as srv:
-        out = dl.download_imagenette("320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False)
+        out = dl.download_imagenette(
+            "320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False
+        )
         assert out == root / "imagenette2-320"
         assert sorted(p.name for p in (out / "train").iterdir()) == list(WNIDS)
         assert sorted(os.listdir(root)) == ["imagenette2-320"]  # archive deleted, no temp folders
         assert find_imagenette(search_roots=[root]) == out
         n_requests = len(srv.requests)
-        again = dl.download_imagenette("320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False)
+        again = dl.download_imagenette(
+            "320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False
+        )
         assert again == out and len(srv.requests) == n_requests  # already there: no network
 
 
@@ -150,7 +160,19 @@ def test_download_imagenette_keep_archive_and_cli(tmp_path, capsys):
         rc = main(["--download", "160px", "--root", str(root), "--url", url, "--md5", "f" * 32])
         last = capsys.readouterr().err.splitlines()[-1]  # the progress bar goes to stderr before it
         assert rc == 2 and last.startswith("error: md5 mismatch") and "deleted" in last
-        rc = main(["--download", "160px", "--root", str(root), "--url", url, "--md5", md5(blob), "--keep-archive"])
+        rc = main(
+            [
+                "--download",
+                "160px",
+                "--root",
+                str(root),
+                "--url",
+                url,
+                "--md5",
+                md5(blob),
+                "--keep-archive",
+            ]
+        )
     out = capsys.readouterr().out.strip()
     assert rc == 0 and out == str(root / "imagenette2-160")
     assert (root / "imagenette2-160.tgz").is_file()
@@ -174,15 +196,32 @@ def _device(name: str) -> tuple[tarfile.TarInfo, None]:
 
 
 MALICIOUS = {
-    "dotdot": lambda out: [file_member("imagenette2-320/ok.txt"), file_member("imagenette2-320/../../outside/evil.txt")],
-    "absolute": lambda out: [file_member("imagenette2-320/ok.txt"), file_member(str(out / "abs.txt"))],
-    "symlink": lambda out: [_link("imagenette2-320/link", str(out), tarfile.SYMTYPE), file_member("imagenette2-320/link/evil.txt")],
-    "hardlink": lambda out: [_link("imagenette2-320/hard", str(out / "victim.txt"), tarfile.LNKTYPE)],
+    "dotdot": lambda out: [
+        file_member("imagenette2-320/ok.txt"),
+        file_member("imagenette2-320/../../outside/evil.txt"),
+    ],
+    "absolute": lambda out: [
+        file_member("imagenette2-320/ok.txt"),
+        file_member(str(out / "abs.txt")),
+    ],
+    "symlink": lambda out: [
+        _link("imagenette2-320/link", str(out), tarfile.SYMTYPE),
+        file_member("imagenette2-320/link/evil.txt"),
+    ],
+    "hardlink": lambda out: [
+        _link("imagenette2-320/hard", str(out / "victim.txt"), tarfile.LNKTYPE)
+    ],
     "device": lambda out: [_device("imagenette2-320/null")],
 }
 
 
-REASONS = {"dotdot": "'..' in path", "absolute": "absolute path", "symlink": "symbolic link", "hardlink": "hard link", "device": "device"}
+REASONS = {
+    "dotdot": "'..' in path",
+    "absolute": "absolute path",
+    "symlink": "symbolic link",
+    "hardlink": "hard link",
+    "device": "device",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(MALICIOUS))
@@ -195,7 +234,9 @@ def test_malicious_tarball_is_refused(tmp_path, kind):
     root.mkdir(parents=True)
     with LoopbackServer({"/imagenette2-320.tgz": blob}) as srv:
         with pytest.raises(ValueError, match=f"unsafe \\({REASONS[kind]}"):
-            dl.download_imagenette("320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False)
+            dl.download_imagenette(
+                "320px", root, url=srv.url("/imagenette2-320.tgz"), md5=md5(blob), progress=False
+            )
     assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
     assert (outside / "victim.txt").read_text() == "keep me"
     assert sorted(os.listdir(root)) == ["imagenette2-320.tgz"]  # no dataset, no temp folder
@@ -246,5 +287,7 @@ def test_foreign_folder_in_the_way_is_not_replaced(tmp_path):
     (tmp_path / "imagenette2-320" / "mine").mkdir(parents=True)
     with LoopbackServer({}) as srv:
         with pytest.raises(FileExistsError, match="holds no train/ and val/"):
-            dl.download_imagenette("320px", tmp_path, url=srv.url("/imagenette2-320.tgz"), md5="0" * 32, progress=False)
+            dl.download_imagenette(
+                "320px", tmp_path, url=srv.url("/imagenette2-320.tgz"), md5="0" * 32, progress=False
+            )
     assert srv.requests == []

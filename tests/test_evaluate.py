@@ -73,7 +73,9 @@ def test_weighted_knn_matches_double_loop_oracle():
     train_f, train_y = torch.randn(30, 5, generator=g), torch.randint(0, 7, (30,), generator=g)
     test_f, test_y = torch.randn(12, 5, generator=g), torch.randint(0, 7, (12,), generator=g)
     for k in (1, 5, 20, 100):
-        got = weighted_knn(train_f, train_y, test_f, test_y, k=k, temperature=0.1, num_classes=7, chunk_size=5)
+        got = weighted_knn(
+            train_f, train_y, test_f, test_y, k=k, temperature=0.1, num_classes=7, chunk_size=5
+        )
         want = weighted_knn_oracle(train_f, train_y, test_f, test_y, min(k, 30), 0.1, 7)
         assert got == pytest.approx(want)
 
@@ -90,7 +92,12 @@ def test_knn_sweep_and_probe_on_separable_features():
     train_f, train_y = separable(seed=0)
     val_f, val_y = separable(n_per_class=5, seed=0)  # same centres (same seed) -> separable
     res = knn_sweep(train_f, train_y, val_f, val_y, ks=(10, 20, 100, 200))
-    assert set(res) == {f"{m}_k{k}_top{t}" for m in ("sklearn", "weighted") for k in (10, 20, 100, 200) for t in (1, 5)}
+    assert set(res) == {
+        f"{m}_k{k}_top{t}"
+        for m in ("sklearn", "weighted")
+        for k in (10, 20, 100, 200)
+        for t in (1, 5)
+    }
     for k in (10, 20):
         assert res[f"weighted_k{k}_top1"] == 1.0
         assert res[f"sklearn_k{k}_top1"] == 1.0
@@ -146,7 +153,11 @@ def test_extract_features_and_cache(tmp_path):
     ds = TensorDataset(torch.randn(10, 3, 4, 4), torch.arange(10) % 3)
     loader = DataLoader(ds, batch_size=4)
     f, y = extract_features(model, loader)
-    assert f.shape == (10, 5) and f.dtype == torch.float32 and y.tolist() == (torch.arange(10) % 3).tolist()
+    assert (
+        f.shape == (10, 5)
+        and f.dtype == torch.float32
+        and y.tolist() == (torch.arange(10) % 3).tolist()
+    )
     assert model.training  # mode restored
     assert torch.allclose(f, model.lin(ds.tensors[0].flatten(1)).detach())
 
@@ -203,7 +214,9 @@ def tiny_run(tmp_path_factory):
     backbone = build_backbone("vit_tiny_patch16_224", **kwargs)
     sd = MultiCropWrapper(backbone, Head(backbone.num_features, 16, 32, 8, 2)).state_dict()
     config = {"model": "vit_tiny_patch16_224", "model_kwargs": kwargs, "global_size": 32}
-    ckpt = save_atomic({"student": sd, "teacher": sd, "config": config, "step": 7}, root / "best_model.pth")
+    ckpt = save_atomic(
+        {"student": sd, "teacher": sd, "config": config, "step": 7}, root / "best_model.pth"
+    )
     data = root / "data"
     generate(data, n_train=4, n_val=2)
     return ckpt, data
@@ -223,14 +236,24 @@ def test_cli_prints_table_and_writes_figures(tiny_run, tmp_path, capsys):
     for k in (10, 20, 100, 200):
         assert f"{k:>5}" in text
     names = {p.name for p in out.iterdir()}
-    assert {"embedding_pca.png", "embedding_tsne.png", "neighbours.png", "confusion_matrix.png", "metrics.json"} <= names
+    assert {
+        "embedding_pca.png",
+        "embedding_tsne.png",
+        "neighbours.png",
+        "confusion_matrix.png",
+        "metrics.json",
+    } <= names
     assert "attention_0.png" in names and "train_features.pt" in names
     # a second run of the same weights reads the cached training features
     mtime = (out / "train_features.pt").stat().st_mtime_ns
     assert main(args + ["--no-figures"]) == 0
     assert (out / "train_features.pt").stat().st_mtime_ns == mtime
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["step"] == 7 and metrics["which"] == "teacher" and 0 <= metrics["weighted_k20_top1"] <= 1
+    assert (
+        metrics["step"] == 7
+        and metrics["which"] == "teacher"
+        and 0 <= metrics["weighted_k20_top1"] <= 1
+    )
 
 
 @pytest.mark.parametrize("bad", ["checkpoint", "data"])
@@ -240,7 +263,18 @@ def test_cli_bad_input_is_one_clean_line(tiny_run, tmp_path, capsys, bad):
         ckpt = tmp_path / "missing.pth"
     else:
         data = tmp_path / "nowhere"
-    code = main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "--num-workers", "0"])
+    code = main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--num-workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
@@ -267,6 +301,8 @@ def test_extract_features_unwraps_multicrop_wrapper():
     from dino_nb.multicrop import MultiCropWrapper
 
     model = Linear2()
-    loader = DataLoader(TensorDataset(torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long)), batch_size=2)
+    loader = DataLoader(
+        TensorDataset(torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long)), batch_size=2
+    )
     wrapped = MultiCropWrapper(model, Head(5, 8, 16, 4, 2))
     assert torch.equal(extract_features(wrapped, loader)[0], extract_features(model, loader)[0])

@@ -51,7 +51,9 @@ def test_profile_env_wins_and_ci_sets_one_thread():
 def test_profile_from_hardware_and_platform():
     assert pick_profile({}, {}, cuda_available=True, apply=False) == Profile("gpu", "local", "cuda")
     assert pick_profile({}, {}, cuda_available=False, apply=False).name == "cpu"
-    kaggle = pick_profile({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, {}, cuda_available=True, apply=False)
+    kaggle = pick_profile(
+        {"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, {}, cuda_available=True, apply=False
+    )
     assert (kaggle.name, kaggle.platform) == ("gpu", "kaggle")
     colab = pick_profile({}, {"google.colab": object()}, cuda_available=False, apply=False)
     assert (colab.name, colab.platform) == ("cpu", "colab")
@@ -86,7 +88,11 @@ def test_training_config_per_profile(monkeypatch):
 
     ci = training_config(Profile("ci", "local", "cpu"), "runs/x")
     base = preset("cpu")
-    assert ci.max_steps == explore.CI_STEPS and ci.eval_every == explore.CI_EVAL_EVERY and ci.out == "runs/x"
+    assert (
+        ci.max_steps == explore.CI_STEPS
+        and ci.eval_every == explore.CI_EVAL_EVERY
+        and ci.out == "runs/x"
+    )
     assert (ci.model, ci.model_kwargs, ci.data) == (base.model, base.model_kwargs, base.data)
     cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
     assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
@@ -132,7 +138,9 @@ def test_draw_views_is_seeded_and_leaves_global_rng_alone():
     assert [v.box for v in views] == [v.box for v in views2]
     assert [v.kind for v in views] == ["global"] * 2 + ["local"] * 3
     assert [v.image.size for v in views] == [(32, 32)] * 2 + [(16, 16)] * 3
-    assert all(v.steps for v in draw_views(img, seed=1, n_local_crops=1, global_size=16, record_steps=True))
+    assert all(
+        v.steps for v in draw_views(img, seed=1, n_local_crops=1, global_size=16, record_steps=True)
+    )
 
 
 def test_crop_explorer_draws_one_box_per_view():
@@ -143,14 +151,21 @@ def test_crop_explorer_draws_one_box_per_view():
     views = draw_views(_image(), seed=1, n_local_crops=3, global_size=32, local_size=16)
     left, top, right, bottom = views[2].box
     rect = boxes.patches[2]
-    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (left, top, right - left, bottom - top)
+    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (
+        left,
+        top,
+        right - left,
+        bottom - top,
+    )
     titles = [ax.get_title() for ax in fig.subfigs[1].axes if ax.get_title()]
     assert titles == ["G1: 32px", "G2: 32px", "L1: 16px", "L2: 16px", "L3: 16px"]
 
 
 def test_draw_views_scale_bounds_box_area():
     img = _image(200, 200)
-    views = draw_views(img, seed=0, global_scale=(0.9, 1.0), local_scale=(0.05, 0.1), n_local_crops=4)
+    views = draw_views(
+        img, seed=0, global_scale=(0.9, 1.0), local_scale=(0.05, 0.1), n_local_crops=4
+    )
     for v in views:
         x0, y0, x1, y1 = v.box
         frac = (x1 - x0) * (y1 - y0) / (200 * 200)
@@ -179,7 +194,9 @@ def test_image_row_and_steps_figure():
         image_row([])
     from dino_nb import DataAugmentation
 
-    views = DataAugmentation(n_local_crops=1, global_size=16, local_size=8).views(_image(), record_steps=True)
+    views = DataAugmentation(n_local_crops=1, global_size=16, local_size=8).views(
+        _image(), record_steps=True
+    )
     fig = steps_figure(views)
     assert len(fig.axes) == 3 * max(len(v.steps) for v in views)
     with pytest.raises(ValueError, match="record_steps"):
@@ -193,7 +210,9 @@ def test_tempered_softmax_against_hand_values():
     logits = torch.tensor([1.0, 0.0])
     p = tempered_softmax(logits, 0.5)
     assert torch.allclose(p, torch.tensor([math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]))
-    assert torch.allclose(tempered_softmax(logits, 1.0, center=torch.tensor([1.0, 0.0])), torch.tensor([0.5, 0.5]))
+    assert torch.allclose(
+        tempered_softmax(logits, 1.0, center=torch.tensor([1.0, 0.0])), torch.tensor([0.5, 0.5])
+    )
     # lower temperature = lower entropy
     x = torch.randn(16, generator=torch.Generator().manual_seed(0))
 
@@ -219,7 +238,11 @@ def test_attention_explorer():
     maps = torch.rand(2, 3, 4, 4)
     imgs = torch.rand(2, 3, 32, 32)
     fig = attention_explorer(imgs, maps, index=1, head=1, threshold=0.5, names=["a", "b"])
-    assert len(fig.axes) == 3 and fig.axes[0].get_title() == "b" and fig.axes[1].get_title() == "head 1"
+    assert (
+        len(fig.axes) == 3
+        and fig.axes[0].get_title() == "b"
+        and fig.axes[1].get_title() == "head 1"
+    )
     fig = attention_explorer(imgs, maps, head=-1)
     assert fig.axes[1].get_title() == "mean of heads" and fig.axes[0].get_title() == "image 0"
     # a one-hot map keeps exactly one patch
@@ -230,7 +253,10 @@ def test_attention_explorer():
     two = torch.zeros(1, 2, 2, 2)
     two[0, 0, 0, 0] = 1
     two[0, 1, 1, 1] = 1
-    assert "2 of 4 patches" in attention_explorer(imgs[:1], two, head=-1, threshold=0.9).axes[2].get_title()
+    assert (
+        "2 of 4 patches"
+        in attention_explorer(imgs[:1], two, head=-1, threshold=0.9).axes[2].get_title()
+    )
     with pytest.raises(ValueError, match="head"):
         attention_explorer(imgs, maps, head=3)
     with pytest.raises(ValueError, match="index"):

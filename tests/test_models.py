@@ -132,4 +132,7 @@ def test_student_teacher_from_config_uses_every_head_field():
     assert student.new_head.last_layer.out_features == 16
     assert any(isinstance(m, DropPath) for m in student.modules())
     assert not any(isinstance(m, DropPath) for m in teacher.modules())
-    assert unwrap_backbone(student) is student.backbone and unwrap_backbone(student.backbone) is student.backbone
+    assert (
+        unwrap_backbone(student) is student.backbone
+        and unwrap_backbone(student.backbone) is student.backbone
+    )

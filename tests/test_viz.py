@@ -127,9 +127,11 @@ def test_write_projector_with_writer_denormalizes(tmp_path):
     # a normalised black image must come out black in the sprite, not grey
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    black = ((torch.zeros(2, 3, 8, 8) - mean) / std)
+    black = (torch.zeros(2, 3, 8, 8) - mean) / std
     with SummaryWriter(str(tmp_path)) as writer:
-        viz.write_projector(writer, torch.randn(2, 4), black, [0, 1], step=0, images_normalized=True)
+        viz.write_projector(
+            writer, torch.randn(2, 4), black, [0, 1], step=0, images_normalized=True
+        )
     sprite = np.asarray(Image.open(tmp_path / "00000" / "embedding" / "sprite.png").convert("RGB"))
     assert sprite[:8, :8].max() == 0
     with pytest.raises(ValueError):
