@@ -403,7 +403,7 @@ class GPUMultiCrop(MultiCropSettings):
             aug.global_crops_scale,
             aug.local_crops_scale,
             aug.n_local_crops,
-            aug.size,
+            aug.global_size,
             aug.local_size,
             True,
             out_dtype,
@@ -442,7 +442,7 @@ class GPUMultiCrop(MultiCropSettings):
         crops: list[torch.Tensor] = []
         params: list[ViewParams] = []
         groups = [
-            ("global", 2, self.size, self.global_crops_scale, [g_blur, g2_blur], [0.0, P_SOLARIZE]),
+            ("global", 2, self.global_size, self.global_crops_scale, [g_blur, g2_blur], [0.0, P_SOLARIZE]),
             ("local", self.n_local_crops, self.local_size, self.local_crops_scale, [l_blur], [0.0]),
         ]
         for kind, n_views, out, scale, p_blur, p_sol in groups:
