@@ -43,7 +43,10 @@ def step_row(cfg: TrainConfig, steps: int, device: torch.device) -> dict:
     """Time ``steps`` shipped steps on random uint8 crops after warm-up; FLOPs of one step."""
     run = build_run(cfg, steps_per_epoch=1000)
     sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local_crops
-    crops = [torch.randint(0, 256, (cfg.batch_size, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
+    crops = [
+        torch.randint(0, 256, (cfg.batch_size, 3, s, s), dtype=torch.uint8, device=device)
+        for s in sizes
+    ]
     t0 = time.perf_counter()
     for i in range(3):  # warm-up: kernels, allocator, compilation
         train_step(run, [normalize_uint8(c) for c in crops], run.schedules[i])
@@ -66,7 +69,9 @@ def step_row(cfg: TrainConfig, steps: int, device: torch.device) -> dict:
     flops = float(counter.get_total_flops()) if not cfg.compile else float("nan")
     return {
         "images_per_s": cfg.batch_size * steps / seconds,
-        "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+        "memory_gib": torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else float("nan"),
         "gflop_per_step": flops / 1e9,
         "warmup_s": warmup,
     }
@@ -75,7 +80,9 @@ def step_row(cfg: TrainConfig, steps: int, device: torch.device) -> dict:
 def loop_row(cfg: TrainConfig) -> dict:
     """A short ``train()`` run; images/s of its last logged window (data loading included)."""
     result = train(cfg)
-    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
     knn = [f"{step}:{acc:.1%}" for step, acc in result.knn_history]
     return {"images_per_s": rates[-1], "seconds": result.seconds, "knn": " ".join(knn)}
@@ -89,7 +96,9 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device visible (use --device cpu --quick for a smoke run)")
+        raise SystemExit(
+            "gpu_check: no CUDA device visible (use --device cpu --quick for a smoke run)"
+        )
     out = Path(args.out or tempfile.mkdtemp(prefix="dino_nb_gpu_check_"))
     root, described = C.image_folder_root(n_generated=80, size=(320, 240))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -99,44 +108,116 @@ def main() -> None:
     base = preset("imagenette", device=device.type, freeze_last_layer=0)
     steps = 20
     if args.quick:  # shapes of ViT-Tiny at small sizes: seconds on a CPU
-        base = replace(base, model="vit_tiny_patch16_224", batch_size=4, n_local_crops=2, global_size=64,
-                       local_size=32, out_dim=256, hidden_dim=64, bottleneck_dim=32)
+        base = replace(
+            base,
+            model="vit_tiny_patch16_224",
+            batch_size=4,
+            n_local_crops=2,
+            global_size=64,
+            local_size=32,
+            out_dim=256,
+            hidden_dim=64,
+            bottleneck_dim=32,
+        )
         steps = 2
     rows = []
     precisions = ("bf16", "fp16", "fp32") if device.type == "cuda" else ("fp32",)
     for precision in precisions:
         r = step_row(replace(base, precision=precision), steps, device)
-        mfu = r["gflop_per_step"] * 1e9 * r["images_per_s"] / base.batch_size / peak if peak else float("nan")
-        rows.append([f"step {precision}", r["images_per_s"], r["memory_gib"], r["gflop_per_step"], mfu, "-"])
+        mfu = (
+            r["gflop_per_step"] * 1e9 * r["images_per_s"] / base.batch_size / peak
+            if peak
+            else float("nan")
+        )
+        rows.append(
+            [f"step {precision}", r["images_per_s"], r["memory_gib"], r["gflop_per_step"], mfu, "-"]
+        )
     if not args.quick:  # compiling takes minutes on a CPU
         compiled = step_row(replace(base, precision=precisions[0], compile=True), steps, device)
-        rows.append([f"step {precisions[0]} + compile", compiled["images_per_s"], compiled["memory_gib"], "-", "-",
-                     f"compile+warm-up {compiled['warmup_s']:.0f} s"])
+        rows.append(
+            [
+                f"step {precisions[0]} + compile",
+                compiled["images_per_s"],
+                compiled["memory_gib"],
+                "-",
+                "-",
+                f"compile+warm-up {compiled['warmup_s']:.0f} s",
+            ]
+        )
 
-    loop = replace(base, data=str(root), precision="auto", max_steps=steps * 2, log_every=steps, eval_every=10**6,
-                   eval_train_subset=64, projector_size=0, progress=False, resume="never", epochs=300,
-                   warmup_epochs=10, warmup_teacher_temp_epochs=30)
+    loop = replace(
+        base,
+        data=str(root),
+        precision="auto",
+        max_steps=steps * 2,
+        log_every=steps,
+        eval_every=10**6,
+        eval_train_subset=64,
+        projector_size=0,
+        progress=False,
+        resume="never",
+        epochs=300,
+        warmup_epochs=10,
+        warmup_teacher_temp_epochs=30,
+    )
     for gpu_aug in (False, True):
-        r = loop_row(replace(loop, gpu_augment=gpu_aug, out=str(out / f"loop-gpu-augment-{gpu_aug}")))
-        rows.append([f"loop, {'--gpu-augment' if gpu_aug else 'CPU PIL augment'}", r["images_per_s"], "-", "-", "-",
-                     f"{r['seconds']:.0f} s for {loop.max_steps} steps"])
+        r = loop_row(
+            replace(loop, gpu_augment=gpu_aug, out=str(out / f"loop-gpu-augment-{gpu_aug}"))
+        )
+        rows.append(
+            [
+                f"loop, {'--gpu-augment' if gpu_aug else 'CPU PIL augment'}",
+                r["images_per_s"],
+                "-",
+                "-",
+                "-",
+                f"{r['seconds']:.0f} s for {loop.max_steps} steps",
+            ]
+        )
 
     n200 = 4 if args.quick else 200
-    r = loop_row(replace(loop, max_steps=n200, eval_every=max(1, n200 // 2), log_every=10, gpu_augment=True,
-                         eval_train_subset=5000, out=str(out / "imagenette-200")))
-    rows.append([f"imagenette preset, {n200} steps", r["images_per_s"], "-", "-", "-",
-                 f"{r['seconds']:.0f} s; kNN {r['knn']}"])
+    r = loop_row(
+        replace(
+            loop,
+            max_steps=n200,
+            eval_every=max(1, n200 // 2),
+            log_every=10,
+            gpu_augment=True,
+            eval_train_subset=5000,
+            out=str(out / "imagenette-200"),
+        )
+    )
+    rows.append(
+        [
+            f"imagenette preset, {n200} steps",
+            r["images_per_s"],
+            "-",
+            "-",
+            "-",
+            f"{r['seconds']:.0f} s; kNN {r['knn']}",
+        ]
+    )
 
     bundle = build_datasets(str(root), plain_transform(base.global_size), base.global_size)
     workers = 0 if args.quick else 4
-    loader = make_loader(bundle.train_plain, 256, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = make_loader(
+        bundle.train_plain, 256, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     backbone = build_run(base).teacher.backbone
     extract_features(backbone, loader)  # warm-up
     C.sync(device)
     t0 = time.perf_counter()
     features, _ = extract_features(backbone, loader)
-    rows.append(["evaluation features (autocast)", len(features) / (time.perf_counter() - t0), "-", "-", "-",
-                 f"{len(features)} images incl. decoding"])
+    rows.append(
+        [
+            "evaluation features (autocast)",
+            len(features) / (time.perf_counter() - t0),
+            "-",
+            "-",
+            "-",
+            f"{len(features)} images incl. decoding",
+        ]
+    )
 
     C.print_table(
         f"dino-nb GPU check on {name}: ViT-S/16 (--quick: a tiny ViT), batch {base.batch_size}, "

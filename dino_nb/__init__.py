@@ -21,7 +21,10 @@ __version__ = "0.1.0"
 
 # The modules that are also command-line programs (``python -m dino_nb.evaluate``, ``.train``,
 # ``.data``) are imported on first use, so that running them does not import them twice.
-_LAZY = {name: "evaluate" for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")}
+_LAZY = {
+    name: "evaluate"
+    for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")
+}
 _LAZY.update({name: "train" for name in ("TrainResult", "export_backbone")})
 _LAZY.update({name: "engine" for name in ("Run", "build_run", "train_step")})
 _LAZY.update({name: "config" for name in ("TrainConfig", "preset")})
@@ -32,6 +35,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataAugmentation",

@@ -128,11 +128,15 @@ class TimeBudget:
         limit = (1 - self.margin) * self.seconds
 
         def cost(n: int) -> float:  # seconds the whole run takes if it ends after n steps
-            periodic = (n - 1) // eval_every - (done - 1) // eval_every if eval_every else 0  # in [done, n)
+            periodic = (
+                (n - 1) // eval_every - (done - 1) // eval_every if eval_every else 0
+            )  # in [done, n)
             return now + (n - done) * step + (periodic + int(final_eval)) * self.eval_seconds
 
         lo = done + 1
-        hi = max(lo, done + math.floor((limit - now) / step))  # evaluations aside, nothing longer fits
+        hi = max(
+            lo, done + math.floor((limit - now) / step)
+        )  # evaluations aside, nothing longer fits
         while lo < hi:  # largest n in [lo, hi] with cost(n) <= limit (cost grows with n), else lo
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
@@ -153,6 +157,8 @@ class TimeBudget:
         if self.total is not None:
             return self.total
         if not self.calibrated:
-            raise RuntimeError(f"not calibrated yet ({self._window_steps} timed steps): keep calling record_step()")
+            raise RuntimeError(
+                f"not calibrated yet ({self._window_steps} timed steps): keep calling record_step()"
+            )
         self.total = self.estimate(eval_every, final_eval)
         return self.total

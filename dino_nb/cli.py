@@ -42,7 +42,9 @@ def _json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}"
+        )
     return value
 
 
@@ -50,7 +52,9 @@ def _option_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     """``add_argument`` keywords for one field, from its type annotation."""
     hint = _HINTS[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint  # X | None -> X
+    base = (
+        args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    )  # X | None -> X
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(base) is typing.Literal:
@@ -76,31 +80,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting configuration (default auto: 'imagenette' on a GPU with ImageNette, "
         "'cpu-photos' on a CPU with photos, else 'cpu'); see PRESETS in dino_nb/config.py",
     )
-    p.add_argument("--config", help="JSON file of TrainConfig fields, applied over the preset (options win)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
-    p.add_argument("-c", "--n-crops", type=int, help="crops per image, 2 global + the rest local (the tutorial's -c)")
+    p.add_argument(
+        "--config", help="JSON file of TrainConfig fields, applied over the preset (options win)"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as JSON and exit",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint"
+    )
+    p.add_argument(
+        "-c",
+        "--n-crops",
+        type=int,
+        help="crops per image, 2 global + the rest local (the tutorial's -c)",
+    )
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         flags = (*TUTORIAL_ALIASES.get(f.name, ()), "--" + f.name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = json.dumps(default) if isinstance(default, dict) else default
         help_text = f"{f.metadata['help']} [default: {shown}]".replace("%", "%%")
-        groups[f.metadata["group"]].add_argument(*flags, dest=f.name, help=help_text, **_option_kwargs(f))
+        groups[f.metadata["group"]].add_argument(
+            *flags, dest=f.name, help=help_text, **_option_kwargs(f)
+        )
     return p
 
 
 def _auto_preset(args: argparse.Namespace) -> str:
-    """``imagenette`` on a GPU with ImageNette, ``cpu-photos`` on a CPU with photos, else ``cpu``."""
+    """The preset ``--preset auto`` picks.
+
+    * no ``--data`` (the main job): ``imagenette`` on a GPU when ImageNette is found, else
+      ``cpu`` (the built-in shapes);
+    * ``--data`` naming photos (``imagenette`` or a folder): ``imagenette`` on a GPU,
+      ``cpu-photos`` on a CPU;
+    * ``--data builtin``: ``cpu``.
+    """
     data = getattr(args, "data", None)
     on_gpu = torch.cuda.is_available() and getattr(args, "device", "auto") != "cpu"
     if data == "builtin":
         return "cpu"
-    if (data is None or data == "imagenette") and not imagenette_available():
-        return "cpu"
-    if on_gpu:
-        return "imagenette"
-    return "cpu-photos" if "cpu-photos" in PRESETS else "cpu"
+    if data is None:
+        return "imagenette" if on_gpu and imagenette_available() else "cpu"
+    return "imagenette" if on_gpu else "cpu-photos"
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
@@ -118,7 +142,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     overrides.update({k: v for k, v in vars(args).items() if k in names})
     if getattr(args, "n_crops", None) is not None:
         if args.n_crops < 2:
-            parser.error(f"argument -c/--n-crops: must be at least 2 (the global crops), got {args.n_crops}")
+            parser.error(
+                f"argument -c/--n-crops: must be at least 2 (the global crops), got {args.n_crops}"
+            )
         overrides["n_local_crops"] = args.n_crops - 2
     if getattr(args, "no_resume", False):
         if "resume" in vars(args):

@@ -32,7 +32,9 @@ def _field(default: Any, help: str, group: str, **kwargs: Any) -> Any:
         raise ValueError(f"unknown group {group!r}")
     metadata = {"help": help, "group": group}
     if isinstance(default, dict | list):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata=metadata, **kwargs
+        )
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -45,64 +47,166 @@ class TrainConfig:
     """
 
     # --- data ---
-    data: str = _field("imagenette", "'imagenette' (found or downloaded), 'builtin', or a folder holding train/ and val/", "data")
-    strict_data: bool = _field(False, "unreadable images are fatal (default: skipped with one warning)", "data")
+    data: str = _field(
+        "imagenette",
+        "'imagenette' (found or downloaded), 'builtin', or a folder holding train/ and val/",
+        "data",
+    )
+    strict_data: bool = _field(
+        False, "unreadable images are fatal (default: skipped with one warning)", "data"
+    )
     global_size: int = _field(224, "side of the global crops in pixels (paper: 224)", "data")
-    local_size: int = _field(96, "side of the local crops (paper: 96; the tutorial used 224 for all)", "data")
-    n_local_crops: int = _field(8, "local crops per image (paper: 8; the tutorial's -c counts all crops)", "data")
-    global_crops_scale: tuple[float, float] = _field((0.4, 1.0), "range of the image area a global crop covers (paper)", "data")
-    local_crops_scale: tuple[float, float] = _field((0.05, 0.4), "range of the image area a local crop covers (paper)", "data")
-    gpu_augment: bool = _field(False, "crops and colour ops on the GPU; the CPU only decodes (for 2-4 core GPU machines)", "data")
-    cache_pixels: bool = _field(False, "decode every photo once into a uint8 canvas cache and augment batches as tensors (fast on small CPUs)", "data")
-    num_workers: int | None = _field(None, "data loader workers (default: from the CPU count)", "data")
+    local_size: int = _field(
+        96, "side of the local crops (paper: 96; the tutorial used 224 for all)", "data"
+    )
+    n_local_crops: int = _field(
+        8, "local crops per image (paper: 8; the tutorial's -c counts all crops)", "data"
+    )
+    global_crops_scale: tuple[float, float] = _field(
+        (0.4, 1.0), "range of the image area a global crop covers (paper)", "data"
+    )
+    local_crops_scale: tuple[float, float] = _field(
+        (0.05, 0.4), "range of the image area a local crop covers (paper)", "data"
+    )
+    gpu_augment: bool = _field(
+        False,
+        "crops and colour ops on the GPU; the CPU only decodes (for 2-4 core GPU machines)",
+        "data",
+    )
+    cache_pixels: bool = _field(
+        False,
+        "decode every photo once into a uint8 canvas cache and augment batches as tensors (fast on small CPUs)",
+        "data",
+    )
+    num_workers: int | None = _field(
+        None, "data loader workers (default: from the CPU count)", "data"
+    )
 
     # --- model ---
-    model: str = _field("vit_small_patch16_224", "timm model name (paper: ViT-S/16; the tutorial's name no longer exists in timm)", "model")
-    model_kwargs: dict[str, Any] = _field({}, "extra timm kwargs as JSON, e.g. '{\"img_size\": 64, \"depth\": 6}'", "model")
-    pretrained: bool = _field(False, "start from timm's supervised weights (tutorial's --pretrained)", "model")
+    model: str = _field(
+        "vit_small_patch16_224",
+        "timm model name (paper: ViT-S/16; the tutorial's name no longer exists in timm)",
+        "model",
+    )
+    model_kwargs: dict[str, Any] = _field(
+        {}, 'extra timm kwargs as JSON, e.g. \'{"img_size": 64, "depth": 6}\'', "model"
+    )
+    pretrained: bool = _field(
+        False, "start from timm's supervised weights (tutorial's --pretrained)", "model"
+    )
     drop_path_rate: float = _field(0.1, "stochastic depth of the student (paper: 0.1)", "model")
-    out_dim: int = _field(65536, "head output dimension K, the number of prototypes (paper: 65536; tutorial: 1024)", "model")
+    out_dim: int = _field(
+        65536,
+        "head output dimension K, the number of prototypes (paper: 65536; tutorial: 1024)",
+        "model",
+    )
     hidden_dim: int = _field(2048, "width of the head's MLP (paper: 2048; tutorial: 512)", "model")
-    bottleneck_dim: int = _field(256, "head bottleneck before the last layer (paper and tutorial)", "model")
+    bottleneck_dim: int = _field(
+        256, "head bottleneck before the last layer (paper and tutorial)", "model"
+    )
     head_layers: int = _field(3, "layers of the head's MLP (paper and tutorial)", "model")
-    norm_last_layer: bool = _field(True, "freeze the norm g of the last layer at 1 (the official default; its help says False performs better but can be unstable)", "model")
+    norm_last_layer: bool = _field(
+        True,
+        "freeze the norm g of the last layer at 1 (the official default; its help says False performs better but can be unstable)",
+        "model",
+    )
 
     # --- optimisation ---
-    batch_size: int = _field(64, "images per step per process (ours: fits ViT-S multi-crop in 16 GB with mixed precision)", "optimisation")
-    epochs: int = _field(100, "length of the recipe in epochs; the schedules span it (paper's shortest schedule)", "optimisation")
-    minutes: float | None = _field(None, "wall-time budget: measure the step time, then fit the whole recipe (all schedules) into this many minutes", "optimisation")
-    max_steps: int | None = _field(None, "stop after this many steps (the schedules still span the recipe)", "optimisation")
-    base_lr: float = _field(5e-4, "learning rate for a global batch of 256, scaled linearly (paper)", "optimisation")
+    batch_size: int = _field(
+        64,
+        "images per step per process (ours: fits ViT-S multi-crop in 16 GB with mixed precision)",
+        "optimisation",
+    )
+    epochs: int = _field(
+        100,
+        "length of the recipe in epochs; the schedules span it (paper's shortest schedule)",
+        "optimisation",
+    )
+    minutes: float | None = _field(
+        None,
+        "wall-time budget: measure the step time, then fit the whole recipe (all schedules) into this many minutes",
+        "optimisation",
+    )
+    max_steps: int | None = _field(
+        None, "stop after this many steps (the schedules still span the recipe)", "optimisation"
+    )
+    base_lr: float = _field(
+        5e-4, "learning rate for a global batch of 256, scaled linearly (paper)", "optimisation"
+    )
     min_lr: float = _field(1e-6, "learning rate at the end of the cosine (paper)", "optimisation")
     warmup_epochs: int = _field(10, "epochs of linear learning-rate warmup (paper)", "optimisation")
-    weight_decay: float = _field(0.04, "weight decay at the start, cosine to --weight-decay-end (paper)", "optimisation")
-    weight_decay_end: float = _field(0.4, "weight decay at the end (paper; the tutorial kept 0.4)", "optimisation")
-    momentum_teacher: float = _field(0.996, "teacher EMA momentum at the start, cosine to --momentum-teacher-end (paper; tutorial: 0.9995)", "optimisation")
-    momentum_teacher_end: float = _field(1.0, "teacher EMA momentum at the end (paper: 1)", "optimisation")
-    warmup_teacher_temp: float = _field(0.04, "teacher temperature at the start (paper)", "optimisation")
-    teacher_temp: float = _field(0.07, "teacher temperature after the warmup (paper's longer recipe)", "optimisation")
-    warmup_teacher_temp_epochs: int = _field(30, "epochs of linear teacher-temperature warmup (paper's longer recipe)", "optimisation")
+    weight_decay: float = _field(
+        0.04, "weight decay at the start, cosine to --weight-decay-end (paper)", "optimisation"
+    )
+    weight_decay_end: float = _field(
+        0.4, "weight decay at the end (paper; the tutorial kept 0.4)", "optimisation"
+    )
+    momentum_teacher: float = _field(
+        0.996,
+        "teacher EMA momentum at the start, cosine to --momentum-teacher-end (paper; tutorial: 0.9995)",
+        "optimisation",
+    )
+    momentum_teacher_end: float = _field(
+        1.0, "teacher EMA momentum at the end (paper: 1)", "optimisation"
+    )
+    warmup_teacher_temp: float = _field(
+        0.04, "teacher temperature at the start (paper)", "optimisation"
+    )
+    teacher_temp: float = _field(
+        0.07, "teacher temperature after the warmup (paper's longer recipe)", "optimisation"
+    )
+    warmup_teacher_temp_epochs: int = _field(
+        30, "epochs of linear teacher-temperature warmup (paper's longer recipe)", "optimisation"
+    )
     student_temp: float = _field(0.1, "student temperature (paper and tutorial)", "optimisation")
-    center_momentum: float = _field(0.9, "EMA rate of the teacher's center (paper and tutorial)", "optimisation")
-    clip_grad: float = _field(3.0, "per-tensor gradient norm limit, 0 turns it off (paper: 3; tutorial: 2)", "optimisation")
-    freeze_last_layer: int = _field(1, "epochs during which the last layer's gradients are cancelled (paper)", "optimisation")
-    precision: Precision = _field("auto", "auto: bf16 where supported, fp16 on older GPUs, fp32 on the CPU", "optimisation")
-    compile: bool = _field(False, "torch.compile the backbones (slow to start, faster after)", "optimisation")
+    center_momentum: float = _field(
+        0.9, "EMA rate of the teacher's center (paper and tutorial)", "optimisation"
+    )
+    clip_grad: float = _field(
+        3.0,
+        "per-tensor gradient norm limit, 0 turns it off (paper: 3; tutorial: 2)",
+        "optimisation",
+    )
+    freeze_last_layer: int = _field(
+        1, "epochs during which the last layer's gradients are cancelled (paper)", "optimisation"
+    )
+    precision: Precision = _field(
+        "auto", "auto: bf16 where supported, fp16 on older GPUs, fp32 on the CPU", "optimisation"
+    )
+    compile: bool = _field(
+        False, "torch.compile the backbones (slow to start, faster after)", "optimisation"
+    )
     device: Device = _field("auto", "auto picks CUDA when present (tutorial's -d)", "optimisation")
     seed: int = _field(0, "seed of the weights, the order and the augmentations", "optimisation")
 
     # --- evaluation, logging, checkpoints ---
-    eval_every: int = _field(1000, "steps between kNN evaluations (tutorial's --logging-freq)", "evaluation")
-    eval_train_subset: int = _field(5000, "training images in the kNN memory bank during training", "evaluation")
+    eval_every: int = _field(
+        1000, "steps between kNN evaluations (tutorial's --logging-freq)", "evaluation"
+    )
+    eval_train_subset: int = _field(
+        5000, "training images in the kNN memory bank during training", "evaluation"
+    )
     batch_size_eval: int = _field(128, "images per evaluation batch (tutorial: 64)", "evaluation")
     knn_k: int = _field(20, "neighbours of the weighted kNN (paper: 20)", "evaluation")
-    knn_temperature: float = _field(0.07, "temperature of the weighted kNN votes (paper)", "evaluation")
-    projector_size: int = _field(200, "validation images sent to TensorBoard's projector at the end (0: off)", "evaluation")
+    knn_temperature: float = _field(
+        0.07, "temperature of the weighted kNN votes (paper)", "evaluation"
+    )
+    projector_size: int = _field(
+        200, "validation images sent to TensorBoard's projector at the end (0: off)", "evaluation"
+    )
     log_every: int = _field(10, "steps between lines of metrics.jsonl (and loss checks)", "run")
     save_every: int = _field(1000, "steps between checkpoints (also at each epoch's end)", "run")
-    out: str | None = _field(None, "run folder (default runs/<timestamp>); resumes when it holds a checkpoint", "run")
-    tensorboard_dir: str | None = _field(None, "TensorBoard folder (default: the run folder; tutorial's -t)", "run")
-    resume: str = _field("auto", "'auto' (resume when --out holds a checkpoint), 'never', or a checkpoint path", "run")
+    out: str | None = _field(
+        None, "run folder (default runs/<timestamp>); resumes when it holds a checkpoint", "run"
+    )
+    tensorboard_dir: str | None = _field(
+        None, "TensorBoard folder (default: the run folder; tutorial's -t)", "run"
+    )
+    resume: str = _field(
+        "auto",
+        "'auto' (resume when --out holds a checkpoint), 'never', or a checkpoint path",
+        "run",
+    )
     progress: bool = _field(True, "show a progress bar", "run")
 
     @property
@@ -139,7 +243,16 @@ def validate(cfg: TrainConfig) -> None:
         ValueError: one message listing every problem found.
     """
     problems = []
-    for name in ("batch_size", "epochs", "eval_every", "log_every", "save_every", "out_dim", "global_size", "local_size"):
+    for name in (
+        "batch_size",
+        "epochs",
+        "eval_every",
+        "log_every",
+        "save_every",
+        "out_dim",
+        "global_size",
+        "local_size",
+    ):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 0:
@@ -147,15 +260,21 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.minutes is not None and not (math.isfinite(cfg.minutes) and cfg.minutes > 0):
         problems.append(f"minutes must be a positive number, got {cfg.minutes}")
     if cfg.n_local_crops < 0:
-        problems.append(f"n_local_crops must be >= 0 (2 global crops + n_local_crops), got {cfg.n_local_crops}")
+        problems.append(
+            f"n_local_crops must be >= 0 (2 global crops + n_local_crops), got {cfg.n_local_crops}"
+        )
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        problems.append(f"warmup_epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
+        problems.append(
+            f"warmup_epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})"
+        )
     if not 0 <= cfg.warmup_teacher_temp_epochs <= cfg.epochs:
         problems.append(
             f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) must be between 0 and epochs ({cfg.epochs})"
         )
     if not 0 <= cfg.freeze_last_layer <= cfg.epochs:
-        problems.append(f"freeze_last_layer ({cfg.freeze_last_layer}) must be between 0 and epochs ({cfg.epochs})")
+        problems.append(
+            f"freeze_last_layer ({cfg.freeze_last_layer}) must be between 0 and epochs ({cfg.epochs})"
+        )
     for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
         if not 0 <= getattr(cfg, name) <= 1:
             problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
@@ -194,7 +313,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         data="builtin",
         minutes=1.75,
         model="vit_tiny_patch16_224",
-        model_kwargs={"img_size": 48, "patch_size": 8, "depth": 4, "embed_dim": 128, "num_heads": 4},
+        model_kwargs={
+            "img_size": 48,
+            "patch_size": 8,
+            "depth": 4,
+            "embed_dim": 128,
+            "num_heads": 4,
+        },
         drop_path_rate=0.0,
         out_dim=256,
         hidden_dim=512,
@@ -215,6 +340,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_train_subset=1000,
         projector_size=100,
         save_every=100,
+    ),
+    # Photos on a CPU (ImageNette or any folder of photos), in a wall-time budget. Provisional:
+    # the values and their reasons are filled in from the recipe search (see the README).
+    "cpu-photos": dict(
+        data="imagenette",
+        minutes=15.0,
+        cache_pixels=True,
+        model="vit_tiny_patch16_224",
+        model_kwargs={
+            "img_size": 48,
+            "patch_size": 8,
+            "depth": 4,
+            "embed_dim": 128,
+            "num_heads": 4,
+        },
+        drop_path_rate=0.0,
+        out_dim=1024,
+        hidden_dim=512,
+        norm_last_layer=False,
+        global_size=48,
+        local_size=24,
+        n_local_crops=4,
+        local_crops_scale=(0.1, 0.4),
+        batch_size=64,
+        epochs=10,
+        base_lr=5e-3,
+        warmup_epochs=1,
+        momentum_teacher=0.99,
+        momentum_teacher_end=0.99,
+        teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0,
+        eval_every=500,
+        eval_train_subset=2000,
+        projector_size=100,
+        save_every=500,
     ),
     "imagenette": {},
     # a Kaggle T4 or P100 (16 GB, fp16): ViT-Tiny/16 trains about 3x faster than ViT-S/16

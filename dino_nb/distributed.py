@@ -58,7 +58,9 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+        raise ValueError(
+            "--device cuda was asked for, but no CUDA GPU is available; use --device cpu"
+        )
     if requested not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")
     return torch.device(requested)

@@ -152,7 +152,9 @@ class TrainingData:
                 yield epoch, images
             epoch, skip = epoch + 1, 0
 
-    def crops(self, images: Any, step: int, device: torch.device, seed: int, rank: int = 0) -> list[torch.Tensor]:
+    def crops(
+        self, images: Any, step: int, device: torch.device, seed: int, rank: int = 0
+    ) -> list[torch.Tensor]:
         """A loader batch as normalised crops on ``device``.
 
         Args:
@@ -171,7 +173,9 @@ class TrainingData:
         return [normalize_uint8(c) if c.dtype == torch.uint8 else c for c in crops]
 
 
-def train_step(run: Run, crops: Sequence[torch.Tensor], values: StepValues, signals: bool = False) -> StepOutput:
+def train_step(
+    run: Run, crops: Sequence[torch.Tensor], values: StepValues, signals: bool = False
+) -> StepOutput:
     """One DINO iteration on one batch of crops; nothing here waits for the device.
 
     Args:
@@ -187,7 +191,9 @@ def train_step(run: Run, crops: Sequence[torch.Tensor], values: StepValues, sign
     with run.autocast():
         teacher_out = run.teacher(crops[:2])  # 2 x (B, K): the teacher sees only the global crops
         student_out = run.student(crops)  # n_crops x (B, K)
-        targets = run.loss.teacher_probs(teacher_out) if signals else None  # before the center moves
+        targets = (
+            run.loss.teacher_probs(teacher_out) if signals else None
+        )  # before the center moves
         loss = run.loss(student_out, teacher_out)  # also moves the center
     found = collapse_signals(targets, loss) if targets is not None else {}
     run.optimizer.zero_grad(set_to_none=True)
@@ -199,7 +205,9 @@ def train_step(run: Run, crops: Sequence[torch.Tensor], values: StepValues, sign
         cancel_gradients(run.student_module.new_head.last_layer.parameters())
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    ema_update(run.teacher, run.student_module, values.momentum)  # teacher <- m teacher + (1 - m) student
+    ema_update(
+        run.teacher, run.student_module, values.momentum
+    )  # teacher <- m teacher + (1 - m) student
     return StepOutput(loss.detach(), found)
 
 
@@ -223,7 +231,9 @@ def default_num_workers(device: torch.device) -> int:
 
     On a CPU the cores also run the model, so one worker prepares batches beside it.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
     return 1 if cores >= 2 else 0
@@ -246,9 +256,13 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         normalize=False,  # uint8 crops; normalised on the device after the copy
     )
     bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
-    canvas = round(cfg.global_size * 256 / 224)  # crops are cut from a square canvas, as evaluation's resize
+    canvas = round(
+        cfg.global_size * 256 / 224
+    )  # crops are cut from a square canvas, as evaluation's resize
     gpu_aug, collate = None, collate_crops
-    if cfg.cache_pixels:  # decoded once into a uint8 cache; batches augmented as tensors in the worker
+    if (
+        cfg.cache_pixels
+    ):  # decoded once into a uint8 cache; batches augmented as tensors in the worker
         if info.enabled:  # rank 0 builds the cache, the others open it
             if info.is_main:
                 CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress)
@@ -301,7 +315,9 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
         teacher.backbone.compile()
     wrapped: nn.Module = student
     if info.enabled:
-        wrapped = DistributedDataParallel(student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(
+            student, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
     global_batch = cfg.batch_size * info.world_size
     return Run(
         cfg=cfg,
@@ -309,7 +325,9 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
         student=wrapped,
         student_module=student,
         teacher=teacher,
-        loss=DINOLoss(cfg.out_dim, cfg.warmup_teacher_temp, cfg.student_temp, cfg.center_momentum).to(info.device),
+        loss=DINOLoss(
+            cfg.out_dim, cfg.warmup_teacher_temp, cfg.student_temp, cfg.center_momentum
+        ).to(info.device),
         optimizer=torch.optim.AdamW(param_groups(student)),  # lr and wd are set every step
         scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
         amp_dtype=amp_dtype,

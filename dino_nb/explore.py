@@ -173,7 +173,12 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
     """
     if profile.name == "ci":
-        values: dict[str, Any] = {"max_steps": CI_STEPS, "eval_every": CI_EVAL_EVERY}
+        # a fixed step count, not the preset's time budget: the outputs must repeat on any CPU
+        values: dict[str, Any] = {
+            "max_steps": CI_STEPS,
+            "eval_every": CI_EVAL_EVERY,
+            "minutes": None,
+        }
         name = "cpu"
     elif profile.name == "cpu":
         values, name = {}, "cpu"

@@ -442,7 +442,14 @@ class GPUMultiCrop(MultiCropSettings):
         crops: list[torch.Tensor] = []
         params: list[ViewParams] = []
         groups = [
-            ("global", 2, self.global_size, self.global_crops_scale, [g_blur, g2_blur], [0.0, P_SOLARIZE]),
+            (
+                "global",
+                2,
+                self.global_size,
+                self.global_crops_scale,
+                [g_blur, g2_blur],
+                [0.0, P_SOLARIZE],
+            ),
             ("local", self.n_local_crops, self.local_size, self.local_crops_scale, [l_blur], [0.0]),
         ]
         for kind, n_views, out, scale, p_blur, p_sol in groups:

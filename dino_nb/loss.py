@@ -50,7 +50,9 @@ class DINOLoss(nn.Module):
     ) -> None:
         super().__init__()
         if teacher_temp <= 0 or student_temp <= 0:
-            raise ValueError(f"temperatures must be positive, got teacher {teacher_temp}, student {student_temp}")
+            raise ValueError(
+                f"temperatures must be positive, got teacher {teacher_temp}, student {student_temp}"
+            )
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         self.teacher_temp = teacher_temp
@@ -60,7 +62,10 @@ class DINOLoss(nn.Module):
 
     def teacher_probs(self, teacher_output: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Centred, sharpened teacher softmax per view, each ``(n_samples, out_dim)``, no grad."""
-        return [F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1) for t in teacher_output]
+        return [
+            F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1)
+            for t in teacher_output
+        ]
 
     def forward(
         self, student_output: Sequence[torch.Tensor], teacher_output: Sequence[torch.Tensor]
@@ -80,7 +85,9 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"need >= 2 student crops and >= 1 teacher crop, got {len(student_output)} and {len(teacher_output)}"
             )
-        student_logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_output]
+        student_logp = [
+            F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_output
+        ]
         teacher_p = self.teacher_probs(teacher_output)
 
         total = student_logp[0].new_zeros(())

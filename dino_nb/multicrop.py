@@ -59,7 +59,9 @@ class MultiCropWrapper(nn.Module):
             x = [x]
         n_samples = x[0].shape[0]
         if any(c.shape[0] != n_samples for c in x):
-            raise ValueError(f"all crops must hold the same number of samples, got {[c.shape[0] for c in x]}")
+            raise ValueError(
+                f"all crops must hold the same number of samples, got {[c.shape[0] for c in x]}"
+            )
         embeddings = [
             self.backbone(torch.cat(list(x[start:end]), dim=0))  # (n_samples * group_size, in_dim)
             for start, end in resolution_groups(x)

@@ -45,7 +45,9 @@ def param_groups(model: nn.Module) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "original0" in name else decay).append(p)
+        (
+            no_decay if p.ndim <= 1 or name.endswith(".bias") or "original0" in name else decay
+        ).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

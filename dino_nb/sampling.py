@@ -17,7 +17,9 @@ from torch.utils.data import Dataset, Sampler
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one image's augmentations in one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 class TrainSampler(Sampler[tuple[int, int]]):
@@ -34,9 +36,13 @@ class TrainSampler(Sampler[tuple[int, int]]):
         world_size: number of processes.
     """
 
-    def __init__(self, n_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size <= 0 or world_size <= 0:
-            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+            raise ValueError(
+                f"batch_size and world_size must be positive, got {batch_size} and {world_size}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.n_samples = n_samples

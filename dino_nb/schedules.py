@@ -44,7 +44,9 @@ def cosine_schedule(
         float64 array of length ``epochs * niter_per_ep``, one value per iteration.
     """
     if epochs <= 0 or niter_per_ep <= 0:
-        raise ValueError(f"epochs and niter_per_ep must be positive, got {epochs} and {niter_per_ep}")
+        raise ValueError(
+            f"epochs and niter_per_ep must be positive, got {epochs} and {niter_per_ep}"
+        )
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
     total = epochs * niter_per_ep
@@ -52,7 +54,9 @@ def cosine_schedule(
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     n = total - warmup_iters
     iters = np.arange(n)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(n, 1)))
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * iters / max(n, 1))
+    )
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total, (len(schedule), total)
     return schedule
@@ -71,7 +75,9 @@ def linear_warmup_schedule(
         float64 array of length ``epochs * niter_per_ep``.
     """
     if epochs <= 0 or niter_per_ep <= 0:
-        raise ValueError(f"epochs and niter_per_ep must be positive, got {epochs} and {niter_per_ep}")
+        raise ValueError(
+            f"epochs and niter_per_ep must be positive, got {epochs} and {niter_per_ep}"
+        )
     total = epochs * niter_per_ep
     warmup_iters = int(round(warmup_epochs * niter_per_ep))
     if warmup_iters < 0:

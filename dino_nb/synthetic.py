@@ -72,7 +72,10 @@ def _colors(rng: np.random.Generator) -> tuple[Color, Color]:
 def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
     n = len(radii)
     return [
-        (cx + r * math.cos(angle + 2 * math.pi * i / n), cy + r * math.sin(angle + 2 * math.pi * i / n))
+        (
+            cx + r * math.cos(angle + 2 * math.pi * i / n),
+            cy + r * math.sin(angle + 2 * math.pi * i / n),
+        )
         for i, r in enumerate(radii)
     ]
 
@@ -135,7 +138,12 @@ def _texture(kind: str) -> Callable[[ImageDraw.ImageDraw, np.random.Generator, C
     return draw
 
 
-_DRAW = {name: (_texture(name) if name in {"h_stripes", "v_stripes", "checker", "dots"} else _shape(name)) for name in CLASSES}
+_DRAW = {
+    name: (
+        _texture(name) if name in {"h_stripes", "v_stripes", "checker", "dots"} else _shape(name)
+    )
+    for name in CLASSES
+}
 
 
 def render(class_index: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
@@ -148,7 +156,9 @@ def render(class_index: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     return Image.fromarray(arr).filter(ImageFilter.GaussianBlur(radius=0.5))
 
 
-def generate(root: Path, n_train: int = N_TRAIN_PER_CLASS, n_val: int = N_VAL_PER_CLASS, seed: int = SEED) -> None:
+def generate(
+    root: Path, n_train: int = N_TRAIN_PER_CLASS, n_val: int = N_VAL_PER_CLASS, seed: int = SEED
+) -> None:
     """Write the dataset under ``root`` (``train/`` and ``val/``), replacing nothing that exists."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):

@@ -31,7 +31,7 @@ from .budget import TimeBudget
 from .config import TrainConfig, validate
 from .data import make_loader, projector_subset
 from .distributed import DistInfo, mean_across_ranks, setup, teardown
-from .engine import Run, build_run, build_training_data, seed_everything, train_step
+from .engine import Run, TrainingData, build_run, build_training_data, seed_everything, train_step
 from .evaluate import KnnEvaluator
 from .schedules import Schedules
 from .signals import CollapseMonitor
@@ -117,114 +117,172 @@ def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> Train
     data = build_training_data(cfg, info)
     run = build_run(cfg, info, data.steps_per_epoch)
     result = TrainResult(out_dir=out_dir)
-    fixed = _resume(run, cfg, out_dir, result)  # the schedules' length is fixed (no budget, or saved)
-    if budget is not None and fixed:
+    if _resume(run, cfg, out_dir, result):  # the schedules' length is fixed (no budget, or saved)
         budget = None  # a resumed budget run continues the schedule it fixed
-    logger = _Logger(out_dir, cfg, info.is_main)
-    evaluator = KnnEvaluator(data.bundle, cfg, data.loader.num_workers, data.loader.pin_memory) if info.is_main else None
-    monitor = CollapseMonitor(cfg.out_dim, warmup_steps=run.schedules.warmup_steps)
+    books = _Books(run, data, out_dir, result, budget)
     step = result.steps
-
-    def last_step() -> int:  # before a budget is calibrated: open-ended
-        total = len(run.schedules) if budget is None or budget.total is not None else sys.maxsize
-        return total if cfg.max_steps is None else min(total, cfg.max_steps)
-
-    def evaluate() -> None:
-        if evaluator is None:
-            return
-        t0 = clock()
-        scores = evaluator(run.teacher.backbone)
-        scores["eval_seconds"] = clock() - t0
-        if budget is not None:
-            budget.record_eval(scores["eval_seconds"])
-        logger.log(step, step // run.steps_per_epoch, scores)
-        result.knn_history.append((step, scores["knn_top1"]))
-        if scores["knn_top1"] > result.best_knn and step > 0:
-            result.best_knn = scores["knn_top1"]
-            best = run.checkpoint(step, knn_top1=result.best_knn)
-            ckpt_io.save_atomic({k: best[k] for k in ("student", "teacher", "config", "step", "knn_top1")}, out_dir / ckpt_io.BEST)
-
-    def save() -> None:
-        if info.is_main:
-            state = run.checkpoint(step, best_knn=result.best_knn, rng=ckpt_io.rng_state(), **_schedule_state(run, budget))
-            ckpt_io.save_atomic(state, out_dir / ckpt_io.LAST, keep_previous=True)
-
     if step == 0:
-        evaluate()
+        books.evaluate(step)
     pending: list[torch.Tensor] = []  # losses of the steps the host has not looked at yet
-    images_seen, window_start = 0, time.perf_counter()
-    with _StopFlag() as stop, logger.progress(total=last_step() if last_step() < sys.maxsize else None, initial=step) as bar:
+    with _StopFlag() as stop, books.logger.progress(books.last_step(), initial=step) as bar:
         batches = data.batches(step)
-        while step < last_step():
+        while step < books.last_step():
             # -- one DINO step
             epoch, images = next(batches)
-            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == last_step()
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == books.last_step()
             crops = data.crops(images, step, run.device, cfg.seed, info.rank)
             out = _step_or_explain(run, crops, step, log_now)
-            step, images_seen = step + 1, images_seen + run.global_batch
+            step += 1
             pending.append(out.loss)
+            books.images_seen += run.global_batch
             if budget is not None:
                 budget.record_step()
-            due_eval = step % cfg.eval_every == 0 and step != last_step()
-            due_save = (step % cfg.save_every == 0 or step % run.steps_per_epoch == 0) and step != last_step()
+            due_eval = step % cfg.eval_every == 0 and step != books.last_step()
+            due_save = (
+                step % cfg.save_every == 0 or step % run.steps_per_epoch == 0
+            ) and step != books.last_step()
 
-            # -- look at the loss before anything is logged or saved
+            # -- look at the loss before anything is logged or saved; log
             if log_now or due_eval or due_save or stop.signal is not None:
                 loss_value = _check_finite(pending, step, out_dir)
                 bar.set_postfix(_postfix(loss_value, budget), refresh=False)
             if log_now:
-                now = time.perf_counter()
-                values = run.schedules[step - 1]
-                record = {
-                    "loss": loss_value,
-                    "lr": values.lr,
-                    "wd": values.weight_decay,
-                    "momentum": values.momentum,
-                    "teacher_temp": values.teacher_temp,
-                    "images_per_s": images_seen / max(now - window_start, 1e-9),
-                    **{k: mean_across_ranks(v).item() for k, v in out.signals.items()},
-                    **_gpu_memory(run.device),
-                }
-                images_seen, window_start = 0, now
-                logger.log(step, epoch, record)
-                warning = monitor.update(step, record["loss"], record.get("batch_entropy"))
-                if warning and info.is_main:
-                    bar.write(f"warning: {warning}", file=sys.stderr)
+                books.log(step, epoch, loss_value, out.signals, bar)
             bar.update(1)
-
-            # -- the time budget: schedules over its estimate, fixed once it has measured enough
-            if budget is not None and budget.total is None and budget.steps_done > budget.warmup_steps:
-                fix = budget.calibrated
-                total = budget.total_steps(cfg.eval_every) if fix else budget.estimate(cfg.eval_every)
-                run.schedules = Schedules(cfg, total, run.global_batch)
-                monitor.warmup_steps = run.schedules.warmup_steps
-                if fix:
-                    bar.total = last_step()
-                    bar.refresh()
+            books.follow_budget(bar)
 
             # -- evaluation, checkpoints, stop
             if due_eval:
-                evaluate()
+                books.evaluate(step)
             if due_save:
-                save()
+                books.save(step)
             if stop.signal is not None:
                 result.interrupted = True
                 break
 
     if not result.interrupted:
-        evaluate()
-    save()
-    if info.is_main and not result.interrupted and cfg.projector_size > 0:
-        logger.projector(run.teacher.backbone, data.bundle, cfg, step)
-    logger.close()
+        books.evaluate(step)
+    books.save(step)
+    books.close(step)
     result.steps, result.total_steps = step, len(run.schedules)
-    if info.is_main and result.interrupted:
-        print(
-            f"stopped at step {step}; checkpoint saved to {out_dir / ckpt_io.LAST} "
-            f"(run the same command with --out {out_dir} to resume)",
-            flush=True,
-        )
     return result
+
+
+class _Books:
+    """The bookkeeping around the steps: evaluation, checkpoints, logs, the time budget.
+
+    Rank 0 evaluates and writes; the other ranks only keep the step count in step.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        data: TrainingData,
+        out_dir: Path,
+        result: TrainResult,
+        budget: TimeBudget | None,
+    ) -> None:
+        cfg, main = run.cfg, run.info.is_main
+        self.run, self.data, self.out_dir, self.result, self.budget = (
+            run,
+            data,
+            out_dir,
+            result,
+            budget,
+        )
+        self.logger = _Logger(out_dir, cfg, main)
+        self.evaluator = (
+            KnnEvaluator(data.bundle, cfg, data.loader.num_workers, data.loader.pin_memory)
+            if main
+            else None
+        )
+        self.monitor = CollapseMonitor(cfg.out_dim, warmup_steps=run.schedules.warmup_steps)
+        self.images_seen, self.window_start = 0, time.perf_counter()
+
+    def last_step(self) -> int:
+        """Where the run stops; before a time budget is calibrated, open-ended (``sys.maxsize``)."""
+        open_ended = self.budget is not None and self.budget.total is None
+        total = sys.maxsize if open_ended else len(self.run.schedules)
+        return total if self.run.cfg.max_steps is None else min(total, self.run.cfg.max_steps)
+
+    def evaluate(self, step: int) -> None:
+        """Weighted kNN of the teacher; keep the best model (by kNN after step 0)."""
+        if self.evaluator is None:
+            return
+        t0 = clock()
+        scores = self.evaluator(self.run.teacher.backbone)
+        scores["eval_seconds"] = clock() - t0
+        if self.budget is not None:
+            self.budget.record_eval(scores["eval_seconds"])
+        self.logger.log(step, step // self.run.steps_per_epoch, scores)
+        self.result.knn_history.append((step, scores["knn_top1"]))
+        if scores["knn_top1"] > self.result.best_knn and step > 0:
+            self.result.best_knn = scores["knn_top1"]
+            best = self.run.checkpoint(step, knn_top1=self.result.best_knn)
+            keep = ("student", "teacher", "config", "step", "knn_top1")
+            ckpt_io.save_atomic({k: best[k] for k in keep}, self.out_dir / ckpt_io.BEST)
+
+    def save(self, step: int) -> None:
+        """The checkpoint to resume from (rank 0), keeping the previous one."""
+        if not self.run.info.is_main:
+            return
+        fixed = self.budget is None or self.budget.total is not None
+        state = self.run.checkpoint(
+            step,
+            best_knn=self.result.best_knn,
+            rng=ckpt_io.rng_state(),
+            total_steps=len(self.run.schedules),
+            schedule_fixed=fixed,  # a resumed run continues these schedules
+        )
+        ckpt_io.save_atomic(state, self.out_dir / ckpt_io.LAST, keep_previous=True)
+
+    def log(
+        self, step: int, epoch: int, loss: float, signals: dict[str, torch.Tensor], bar: Any
+    ) -> None:
+        """One line of metrics.jsonl and TensorBoard; warn once if the signals say collapse."""
+        now = time.perf_counter()
+        values = self.run.schedules[step - 1]
+        record = {
+            "loss": loss,
+            "lr": values.lr,
+            "wd": values.weight_decay,
+            "momentum": values.momentum,
+            "teacher_temp": values.teacher_temp,
+            "images_per_s": self.images_seen / max(now - self.window_start, 1e-9),
+            **{k: mean_across_ranks(v).item() for k, v in signals.items()},
+            **_gpu_memory(self.run.device),
+        }
+        self.images_seen, self.window_start = 0, now
+        self.logger.log(step, epoch, record)
+        warning = self.monitor.update(step, loss, record.get("batch_entropy"))
+        if warning and self.run.info.is_main:
+            bar.write(f"warning: {warning}", file=sys.stderr)
+
+    def follow_budget(self, bar: Any) -> None:
+        """Lay the schedules over the budget's estimate; fix the length once it has measured enough."""
+        budget = self.budget
+        if budget is None or budget.total is not None or budget.steps_done <= budget.warmup_steps:
+            return
+        eval_every = self.run.cfg.eval_every
+        total = budget.total_steps(eval_every) if budget.calibrated else budget.estimate(eval_every)
+        self.run.schedules = Schedules(self.run.cfg, total, self.run.global_batch)
+        self.monitor.warmup_steps = self.run.schedules.warmup_steps
+        if budget.total is not None:
+            bar.total = self.last_step()
+            bar.refresh()
+
+    def close(self, step: int) -> None:
+        """The projector (rank 0, finished runs), then close the logs; say how to resume."""
+        cfg, main = self.run.cfg, self.run.info.is_main
+        if main and not self.result.interrupted and cfg.projector_size > 0:
+            self.logger.projector(self.run.teacher.backbone, self.data.bundle, cfg, step)
+        self.logger.close()
+        if main and self.result.interrupted:
+            print(
+                f"stopped at step {step}; checkpoint saved to {self.out_dir / ckpt_io.LAST} "
+                f"(run the same command with --out {self.out_dir} to resume)",
+                flush=True,
+            )
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -264,11 +322,6 @@ def _postfix(loss: float, budget: TimeBudget | None) -> dict[str, str]:
     return postfix
 
 
-def _schedule_state(run: Run, budget: TimeBudget | None) -> dict[str, Any]:
-    """What a resumed run needs to continue the same schedules."""
-    return {"total_steps": len(run.schedules), "schedule_fixed": budget is None or budget.total is not None}
-
-
 def _gpu_memory(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
@@ -276,7 +329,9 @@ def _gpu_memory(device: torch.device) -> dict[str, float]:
 
 
 def _run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    out_dir = Path(cfg.out) if cfg.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = (
+        Path(cfg.out) if cfg.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     if info.enabled:  # every rank must agree on the folder, e.g. a timestamp
         holder = [str(out_dir)]
         torch.distributed.broadcast_object_list(holder, src=0)
@@ -345,18 +400,16 @@ class _Logger:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(cfg.to_json() + "\n")
         self.metrics = (out_dir / "metrics.jsonl").open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but keep training without it
-            return
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(cfg.tensorboard_dir or out_dir))
         self.writer.add_text("config", "```\n" + cfg.to_json() + "\n```")
 
-    def progress(self, total: int | None, initial: int) -> Any:
+    def progress(self, total: int, initial: int) -> Any:
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=total,
+            total=None if total == sys.maxsize else total,  # open-ended until a budget is fixed
             initial=initial,
             desc="DINO",
             unit="step",
@@ -394,7 +447,9 @@ class _Logger:
             self.writer.close()
 
 
-def export_backbone(checkpoint: str | os.PathLike, path: str | os.PathLike, which: str = "teacher") -> Path:
+def export_backbone(
+    checkpoint: str | os.PathLike, path: str | os.PathLike, which: str = "teacher"
+) -> Path:
     """Save one backbone of a checkpoint as a plain timm state_dict.
 
     ``timm.create_model(config["model"], num_classes=0, **config["model_kwargs"])`` loads

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .attention import threshold_mask, upsample
 from .augment import View, denormalize
+from .schedules import Schedules
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
 
@@ -32,6 +33,8 @@ CURVES = (
     ("wd", "weight decay"),
     ("momentum", "teacher momentum"),
     ("teacher_temp", "teacher temperature"),
+    ("teacher_entropy", "teacher entropy (nats)"),
+    ("batch_entropy", "batch-mean entropy (nats)"),
     ("knn_top1", "kNN top-1"),
 )
 
@@ -463,6 +466,41 @@ def training_curves(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> 
             ax.set_ylim(0, 1)
     for ax in axes[len(present) :]:
         fig.delaxes(ax)
+    fig.tight_layout()
+    return fig
+
+
+def schedules_figure(runs: Mapping[str, Schedules]) -> Figure:
+    """Every schedule of one or more runs over the fraction of the run: lr, wd, momentum, temperature.
+
+    The x-axis is the fraction of the run, so a 372-step CPU recipe and a 14,700-step paper
+    recipe compare shape for shape (and a time budget only changes the step count).
+
+    Args:
+        runs: ``{label: Schedules}``, e.g. one per preset.
+    """
+    if not runs:
+        raise ValueError("schedules_figure needs at least one run")
+    panels = (
+        ("lr", "learning rate"),
+        ("weight_decay", "weight decay"),
+        ("momentum", "teacher momentum"),
+        ("teacher_temp", "teacher temperature"),
+    )
+    fig = new_figure((13, 3.0))
+    axes = fig.subplots(1, len(panels))
+    for label, schedules in runs.items():
+        x = np.arange(len(schedules)) / len(schedules)  # fraction of the run, (n_steps,)
+        for ax, (attr, _) in zip(axes, panels, strict=True):
+            ax.plot(x, getattr(schedules, attr), label=label)
+        frozen = schedules.freeze_steps / len(schedules)
+        axes[0].axvspan(0, frozen, alpha=0.08, color=axes[0].lines[-1].get_color())
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("fraction of the run")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7, title="shaded: last layer frozen", title_fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -161,18 +161,24 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"jupyter-lab exited with code {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"jupyter-lab exited with code {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{url}/api/status", timeout=2) as r:
                 json.load(r)
             return
         except OSError:
             time.sleep(0.25)
-    raise TimeoutError(f"jupyter-lab did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+    raise TimeoutError(
+        f"jupyter-lab did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text(errors='replace')[-3000:]}"
+    )
 
 
 @contextlib.contextmanager
-def jupyter_lab(work: Path, env: dict[str, str] | None = None, start_timeout_s: float = 90.0) -> Iterator[LabServer]:
+def jupyter_lab(
+    work: Path, env: dict[str, str] | None = None, start_timeout_s: float = 90.0
+) -> Iterator[LabServer]:
     """Serve a copy of the repository's notebooks with JupyterLab on a free loopback port.
 
     The committed notebooks are never touched: ``work/notebooks`` holds copies (the kernel's
@@ -285,7 +291,9 @@ def wait_kernel_idle(page, name: str, timeout_s: float = 30.0) -> None:
     )
 
 
-_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception)\b", re.MULTILINE)
+_TRACEBACK = re.compile(
+    r"Traceback \(most recent call last\)|^\w*(Error|Exception)\b", re.MULTILINE
+)
 
 
 def error_outputs(page, name: str) -> list[str]:
@@ -313,15 +321,21 @@ def error_outputs(page, name: str) -> list[str]:
 def interact_panel(page, label: str):
     """The ``interact`` widget box that holds a control whose description is exactly ``label``."""
     exact = re.compile(rf"^\s*{re.escape(label)}\s*$")
-    return page.locator(".widget-interact").filter(has=page.locator("label.widget-label", has_text=exact)).first
+    return (
+        page.locator(".widget-interact")
+        .filter(has=page.locator("label.widget-label", has_text=exact))
+        .first
+    )
 
 
 def control(panel, label: str):
     """The control (slider, dropdown, ...) described by ``label`` inside an interact panel."""
     exact = re.compile(rf"^\s*{re.escape(label)}\s*$")
-    return panel.locator(".jupyter-widgets.widget-inline-hbox").filter(
-        has=panel.page.locator("label.widget-label", has_text=exact)
-    ).first
+    return (
+        panel.locator(".jupyter-widgets.widget-inline-hbox")
+        .filter(has=panel.page.locator("label.widget-label", has_text=exact))
+        .first
+    )
 
 
 def control_value(ctrl) -> str:

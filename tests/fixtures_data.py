@@ -28,7 +28,13 @@ WNIDS = (
 MINI = Path(__file__).resolve().parents[2] / "shared/data/imagenette-mini"
 
 
-def write_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB", fmt: str = "JPEG", seed: int = 0) -> Path:
+def write_image(
+    path: Path,
+    size: tuple[int, int] = (24, 20),
+    mode: str = "RGB",
+    fmt: str = "JPEG",
+    seed: int = 0,
+) -> Path:
     """Write a small random image in ``mode`` (RGB, L, CMYK, P, RGBA) as ``fmt``."""
     rng = np.random.default_rng(seed)
     rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -45,7 +51,9 @@ def write_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB",
     return path
 
 
-def make_folder(root: Path, classes=("a", "b"), n_train: int = 3, n_val: int = 2, size=(24, 20)) -> Path:
+def make_folder(
+    root: Path, classes=("a", "b"), n_train: int = 3, n_val: int = 2, size=(24, 20)
+) -> Path:
     """``root/{train,val}/<class>/<i>.jpg`` with random JPEGs."""
     for split, n in (("train", n_train), ("val", n_val)):
         for c, name in enumerate(classes):
@@ -101,7 +109,9 @@ class LoopbackServer:
         requests: ``(path, Range header or None)`` of every request, in order.
     """
 
-    def __init__(self, files: dict[str, bytes], cut_after: int | None = None, ignore_range: bool = False) -> None:
+    def __init__(
+        self, files: dict[str, bytes], cut_after: int | None = None, ignore_range: bool = False
+    ) -> None:
         self.files = files
         self.cut_after = cut_after
         self.ignore_range = ignore_range
@@ -152,7 +162,9 @@ class LoopbackServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -20,7 +20,9 @@ def vit():
 @pytest.fixture(scope="module")
 def vit_reg():
     torch.manual_seed(1)
-    return build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2).eval()
+    return build_backbone(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2
+    ).eval()
 
 
 def test_full_attention_rows_sum_to_one(vit):
@@ -54,7 +56,9 @@ def _manual_attention(model, x):
     """Oracle: timm's own unfused branch, softmax read from a hook on attn_drop."""
     flags = [b.attn.fused_attn for b in model.blocks]
     got = []
-    handle = model.blocks[-1].attn.attn_drop.register_forward_hook(lambda m, i, o: got.append(o.detach()))
+    handle = model.blocks[-1].attn.attn_drop.register_forward_hook(
+        lambda m, i, o: got.append(o.detach())
+    )
     try:
         for b in model.blocks:
             b.attn.fused_attn = False

@@ -23,7 +23,9 @@ def test_bench_augment_quick_prints_a_ratio_per_setting(tmp_path):
         env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
     assert rows[0].split("|")[1].strip() == "setting"
     assert len(rows) == 1 + 5  # header + four crop settings + the --gpu-augment CPU side
     for row in rows[1:]:
@@ -121,7 +123,15 @@ def test_bench_gpu_augment_quick_prints_a_row_per_setting():
 def test_gpu_check_quick_runs_every_row_on_the_cpu(tmp_path):
     """The GPU check's table, shrunk to a CPU smoke run: every row prints a positive rate."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "benchmarks/gpu_check.py",
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -129,7 +139,9 @@ def test_gpu_check_quick_runs_every_row_on_the_cpu(tmp_path):
         env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
     names = [row.split("|")[1].strip() for row in rows[1:]]
     assert names == [
         "step fp32",

@@ -53,7 +53,9 @@ def shots(request):
     print(message)  # shown with the test's output on failure (and with -s / -rA)
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:  # and in the terminal now, past pytest's capture
+    if (
+        reporter is not None and capture is not None
+    ):  # and in the terminal now, past pytest's capture
         with capture.global_and_fixture_disabled():
             reporter.write_line(f"\n{message}")
     return SHOTS
@@ -65,7 +67,9 @@ def lab(tmp_path_factory):
         "DINO_NB_PROFILE": "ci",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "DINO_NB_RUNS": str(tmp_path_factory.mktemp("runs")),  # not the checkout's runs/ that nbval uses
+        "DINO_NB_RUNS": str(
+            tmp_path_factory.mktemp("runs")
+        ),  # not the checkout's runs/ that nbval uses
     }
     with jupyter_lab(tmp_path_factory.mktemp("jupyterlab"), env=env) as server:
         yield server
@@ -135,13 +139,17 @@ def assert_crop_boxes_drawn(src, n_views):
     from dino_nb.viz import class_colors
 
     rgb = png_from_data_url(src)  # (H, W, 3)
-    assert rgb.shape[1] > 2 * rgb.shape[0], f"expected a wide figure (original + views), got {rgb.shape}"
+    assert rgb.shape[1] > 2 * rgb.shape[0], (
+        f"expected a wide figure (original + views), got {rgb.shape}"
+    )
     # the original fills about the left third of the figure; a global box covers >= 40% of the
     # image, so its left edge and label lie in the original's left 60%: the figure's left quarter.
     # Exact box colours there (about 1000-2000 pixels each when drawn) are absent from the photos.
     left = slice(0, rgb.shape[1] // 4)
     counts = colour_pixels(rgb, class_colors(n_views)[:2], region=left)
-    assert min(counts) >= 200, f"global crop boxes G1, G2 not drawn on the original: pixels per colour {counts}"
+    assert min(counts) >= 200, (
+        f"global crop boxes G1, G2 not drawn on the original: pixels per colour {counts}"
+    )
     return rgb
 
 
@@ -169,7 +177,9 @@ def test_augmentation_explorer_redraws_when_image_and_seed_change(page, lab, sho
 
         image = after
         before, after = nudge(control(panel, "seed"), presses=3)
-        assert (before, after) == ("0", "3"), f"seed slider moved from {before} to {after}, expected 0 -> 3"
+        assert (before, after) == ("0", "3"), (
+            f"seed slider moved from {before} to {after}, expected 0 -> 3"
+        )
         src2 = wait_new_image(panel, src1)
         rgb2 = assert_crop_boxes_drawn(src2, n_views)
         assert rgb2.shape != rgb1.shape or (rgb2 != rgb1).any(), "a new seed drew the same crops"
@@ -192,7 +202,9 @@ def test_attention_explorer_redraws_when_head_and_image_change(page, lab, shots)
         shoot(panel, "05-1-head-mean.png")
 
         before, after = nudge(control(panel, "head"))
-        assert (before, after) == ("-1", "0"), f"head slider moved from {before} to {after}, expected -1 -> 0"
+        assert (before, after) == ("-1", "0"), (
+            f"head slider moved from {before} to {after}, expected -1 -> 0"
+        )
         src1 = wait_new_image(panel, src0)
         assert src1 != src0
         wait_kernel_idle(page, NB05)

@@ -68,9 +68,34 @@ def test_every_field_has_help_and_a_group() -> None:
 
 def test_tutorial_short_options() -> None:
     cfg, _ = config_from_args(
-        ["--preset", "imagenette", "-b", "16", "-d", "cpu", "-l", "50", "-e", "37", "-o", "512", "-t", "tb", "-w", "0.1", "-c", "6"]
+        [
+            "--preset",
+            "imagenette",
+            "-b",
+            "16",
+            "-d",
+            "cpu",
+            "-l",
+            "50",
+            "-e",
+            "37",
+            "-o",
+            "512",
+            "-t",
+            "tb",
+            "-w",
+            "0.1",
+            "-c",
+            "6",
+        ]
     )
-    assert (cfg.batch_size, cfg.device, cfg.eval_every, cfg.epochs, cfg.out_dim) == (16, "cpu", 50, 37, 512)
+    assert (cfg.batch_size, cfg.device, cfg.eval_every, cfg.epochs, cfg.out_dim) == (
+        16,
+        "cpu",
+        50,
+        37,
+        512,
+    )
     assert (cfg.tensorboard_dir, cfg.weight_decay, cfg.n_local_crops) == ("tb", 0.1, 4)
     assert set(TUTORIAL_ALIASES) <= {f.name for f in dataclasses.fields(TrainConfig)}
     cfg, _ = config_from_args(["--preset", "imagenette", "--logging-freq", "9", "--n-epochs", "31"])
@@ -104,3 +129,31 @@ def test_bad_options_are_one_clear_error(words, message, capsys) -> None:
 def test_contradictory_values_are_refused_by_the_config() -> None:
     with pytest.raises(ValueError, match="warmup_epochs"):
         config_from_args(["--preset", "imagenette", "--epochs", "2", "--warmup-epochs", "5"])
+
+
+def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
+    import dino_nb.cli as cli
+
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "imagenette_available", lambda: True)
+    assert config_from_args([])[0].data == "builtin"  # the main job stays on the built-in shapes
+    cfg, _ = config_from_args(["--data", str(tmp_path)])
+    assert cfg.data == str(tmp_path) and cfg == preset_of("cpu-photos", data=str(tmp_path))
+    assert config_from_args(["--data", "builtin"])[0] == preset_of("cpu")
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    assert config_from_args([])[0] == preset_of("imagenette")
+    assert config_from_args(["--data", str(tmp_path)])[0] == preset_of(
+        "imagenette", data=str(tmp_path)
+    )
+    assert (
+        config_from_args(["--data", str(tmp_path), "-d", "cpu"])[0].model
+        == preset_of("cpu-photos").model
+    )
+    monkeypatch.setattr(cli, "imagenette_available", lambda: False)
+    assert config_from_args([])[0] == preset_of("cpu")
+
+
+def preset_of(name, **overrides):
+    from dino_nb.config import preset
+
+    return preset(name, **overrides)

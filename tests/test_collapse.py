@@ -41,7 +41,11 @@ def test_collapse_study_reproduces_the_paper():
     # Fig. 7 of Caron et al. 2021: centering alone -> uniform, sharpening alone -> one-hot
     torch.set_num_threads(1)
     runs = {r.setting.name: r for r in collapse_study(steps=300)}
-    both, centering, sharpening = runs["centering + sharpening"], runs["centering only"], runs["sharpening only"]
+    both, centering, sharpening = (
+        runs["centering + sharpening"],
+        runs["centering only"],
+        runs["sharpening only"],
+    )
     log_k = both.max_entropy
 
     def tail(xs):
@@ -55,7 +59,9 @@ def test_collapse_study_reproduces_the_paper():
 
 
 def test_collapse_figure():
-    runs = collapse_study(settings=[CollapseSetting("x", True, True)], steps=3, out_dim=8, batch_size=4)
+    runs = collapse_study(
+        settings=[CollapseSetting("x", True, True)], steps=3, out_dim=8, batch_size=4
+    )
     fig = collapse_figure(runs)
     assert len(fig.axes) == 3
     with pytest.raises(ValueError):

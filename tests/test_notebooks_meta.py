@@ -15,7 +15,12 @@ EXPECTED = [
     "05_knn_and_embeddings.ipynb",
 ]
 MACHINE_PATH = re.compile(r"(/root/|/home/|/tmp/|/work/|[A-Za-z]:\\\\Users)")
-NBVAL_MARKERS = {"# NBVAL_IGNORE_OUTPUT", "# NBVAL_CHECK_OUTPUT", "# NBVAL_SKIP", "# NBVAL_RAISES_EXCEPTION"}
+NBVAL_MARKERS = {
+    "# NBVAL_IGNORE_OUTPUT",
+    "# NBVAL_CHECK_OUTPUT",
+    "# NBVAL_SKIP",
+    "# NBVAL_RAISES_EXCEPTION",
+}
 
 
 def _load(name):
@@ -60,13 +65,17 @@ def test_no_star_imports_no_svg_no_hidden_cells(name):
         assert not re.search(r"^\s*from\s+\S+\s+import\s+\*", src, re.M), src
         assert not cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"), "hidden cell"
         for out in cell.get("outputs", []):
-            assert "image/svg+xml" not in out.get("data", {}), "SVG output (strict nbval always fails on it)"
+            assert "image/svg+xml" not in out.get("data", {}), (
+                "SVG output (strict nbval always fails on it)"
+            )
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_committed_with_outputs_and_no_errors(name):
     cells = _code_cells(_load(name))
-    assert all(c.get("execution_count") for c in cells), "every code cell executed (run the regeneration script)"
+    assert all(c.get("execution_count") for c in cells), (
+        "every code cell executed (run the regeneration script)"
+    )
     assert sum(bool(c.get("outputs")) for c in cells) >= 3
     for c in cells:
         for out in c.get("outputs", []):
@@ -81,7 +90,9 @@ def test_committed_with_outputs_and_no_errors(name):
 def test_no_machine_paths_in_outputs(name):
     for cell in _code_cells(_load(name)):
         for out in cell.get("outputs", []):
-            texts = [out.get("text", "")] + [v for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            texts = [out.get("text", "")] + [
+                v for k, v in out.get("data", {}).items() if k.startswith("text/")
+            ]
             for text in texts:
                 text = "".join(text) if isinstance(text, list) else text
                 assert not MACHINE_PATH.search(text), text
@@ -94,7 +105,9 @@ def test_nbval_markers_are_exact_and_never_skip_everything(name):
     for cell in cells:
         for line in _src(cell).splitlines():
             if line.strip().upper().startswith("# NBVAL"):
-                assert line.strip() in NBVAL_MARKERS, f"nbval ignores a marker with extra words: {line!r}"
+                assert line.strip() in NBVAL_MARKERS, (
+                    f"nbval ignores a marker with extra words: {line!r}"
+                )
         skipped += "# NBVAL_SKIP" in _src(cell)
     assert skipped == 0, "no cell is skipped: every cell must run on a CPU"
     ignored = sum("# NBVAL_IGNORE_OUTPUT" in _src(c) for c in cells)
@@ -108,12 +121,14 @@ def test_interactive_cells_ignore_output_and_use_package_functions(name):
         if "interact(" in src:
             assert src.splitlines()[0] == "# NBVAL_IGNORE_OUTPUT"
             target = re.search(r"interact\(\s*(\w+)", src).group(1)
-            assert not re.search(rf"^def {target}\b", "\n".join(_src(c) for c in _code_cells(_load(name))), re.M), (
-                f"{target} must come from dino_nb, not be defined in the notebook"
-            )
+            assert not re.search(
+                rf"^def {target}\b", "\n".join(_src(c) for c in _code_cells(_load(name))), re.M
+            ), f"{target} must come from dino_nb, not be defined in the notebook"
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_widget_state_stripped(name):
     nb = _load(name)
-    assert "widgets" not in nb["metadata"], "run scripts/regenerate_notebooks.sh (nbstripout drops widget state)"
+    assert "widgets" not in nb["metadata"], (
+        "run scripts/regenerate_notebooks.sh (nbstripout drops widget state)"
+    )

@@ -224,9 +224,9 @@ def test_collate_shapes_dtypes_and_determinism():
     other, _ = collate([(img, t, s + 1) for img, t, s in batch])
     assert not any(torch.equal(a, b) for a, b in zip(crops, other, strict=True))
 
-    normalised, _ = px.MultiCropCollate(DataAugmentation(n_local_crops=3, global_size=16, local_size=8))(
-        batch
-    )
+    normalised, _ = px.MultiCropCollate(
+        DataAugmentation(n_local_crops=3, global_size=16, local_size=8)
+    )(batch)
     assert all(c.dtype == torch.float32 for c in normalised)
     assert -3 < float(normalised[0].mean()) < 3 and float(normalised[0].std()) > 0.1
     with pytest.raises(ValueError, match="WithSeeds"):

@@ -120,7 +120,13 @@ def _recipe(**overrides):
 
     return preset(
         "imagenette",
-        **{"epochs": 10, "warmup_epochs": 2, "warmup_teacher_temp_epochs": 3, "freeze_last_layer": 1, **overrides},
+        **{
+            "epochs": 10,
+            "warmup_epochs": 2,
+            "warmup_teacher_temp_epochs": 3,
+            "freeze_last_layer": 1,
+            **overrides,
+        },
     )
 
 
@@ -130,10 +136,14 @@ def test_schedules_equal_the_official_arrays_over_the_recipe():
     cfg = _recipe()
     n_per_epoch, batch = 7, 128
     s = Schedules(cfg, cfg.epochs * n_per_epoch, batch)
-    lr = cosine_schedule(cfg.base_lr * batch / 256, cfg.min_lr, cfg.epochs, n_per_epoch, cfg.warmup_epochs)
+    lr = cosine_schedule(
+        cfg.base_lr * batch / 256, cfg.min_lr, cfg.epochs, n_per_epoch, cfg.warmup_epochs
+    )
     wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n_per_epoch)
     m = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, n_per_epoch)
-    temp = linear_warmup_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.epochs, n_per_epoch, 3)
+    temp = linear_warmup_schedule(
+        cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.epochs, n_per_epoch, 3
+    )
     assert len(s) == 70
     for i in range(70):
         v = s[i]
@@ -151,7 +161,10 @@ def test_schedules_stretch_with_the_step_count():
     assert short.warmup_steps == 20 and long.warmup_steps == 200  # 2 of 10 epochs
     assert short.freeze_steps == 10 and long.freeze_steps == 100
     assert short[19].lr == pytest.approx(cfg.base_lr) and long[199].lr == pytest.approx(cfg.base_lr)
-    assert short[29].teacher_temp == pytest.approx(cfg.teacher_temp) and short[28].teacher_temp < cfg.teacher_temp
+    assert (
+        short[29].teacher_temp == pytest.approx(cfg.teacher_temp)
+        and short[28].teacher_temp < cfg.teacher_temp
+    )
     for s in (short, long):  # both end at the bottom of the cosine
         assert abs(s[len(s) - 1].lr - cfg.min_lr) < 1e-3 * cfg.base_lr
     assert short[500].lr == short[99].lr  # past the end: the last value

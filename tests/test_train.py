@@ -73,7 +73,9 @@ def test_train_writes_run_folder_logs_and_schedules(tiny_data: Path, tmp_path: P
     result = train(cfg)
     assert result.steps == 10 and not result.interrupted
     assert [s for s, _ in result.knn_history] == [0, 10]  # evaluated at the start and the end
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     step_lines = [r for r in records if "loss" in r]
     assert [r["step"] for r in step_lines] == list(range(1, 11))
     for key in ("lr", "wd", "momentum", "teacher_temp", "epoch", "images_per_s"):
@@ -92,7 +94,15 @@ def test_train_writes_run_folder_logs_and_schedules(tiny_data: Path, tmp_path: P
     assert step_lines[0]["momentum"] < step_lines[-1]["momentum"]
     state = ckpt_io.load(result.checkpoint)
     assert state["step"] == 10 and set(state) >= {
-        "student", "teacher", "optimizer", "scaler", "loss", "step", "epoch", "config", "rng"
+        "student",
+        "teacher",
+        "optimizer",
+        "scaler",
+        "loss",
+        "step",
+        "epoch",
+        "config",
+        "rng",
     }
     assert (tmp_path / "run" / "config.json").is_file()
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
@@ -116,13 +126,18 @@ def test_teacher_is_ema_of_student_and_never_optimised(tiny_data: Path, tmp_path
     teacher.load_state_dict(state["teacher"])
     student.load_state_dict(state["student"])
     backbone_diffs = [
-        not torch.equal(t, s) for (_, t), (_, s) in zip(teacher.backbone.named_parameters(), student.backbone.named_parameters(), strict=True)
+        not torch.equal(t, s)
+        for (_, t), (_, s) in zip(
+            teacher.backbone.named_parameters(), student.backbone.named_parameters(), strict=True
+        )
     ]
     assert any(backbone_diffs)
 
 
 def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
-    straight = train(tiny_config(tiny_data, tmp_path / "straight"))  # 10 steps, across an epoch boundary
+    straight = train(
+        tiny_config(tiny_data, tmp_path / "straight")
+    )  # 10 steps, across an epoch boundary
     first = train(tiny_config(tiny_data, tmp_path / "split", max_steps=3))
     assert first.steps == 3
     second = train(tiny_config(tiny_data, tmp_path / "split"))  # resumes from split/checkpoint.pth
@@ -156,8 +171,14 @@ def test_time_budget_fixes_the_step_count_and_resume_is_exact(
     assert straight.steps == straight.total_steps == 58
     state = ckpt_io.load(straight.checkpoint)
     assert state["total_steps"] == 58 and state["schedule_fixed"]
-    lr = [r["lr"] for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
-    assert max(lr) == lr[int(round(58 * TINY["warmup_epochs"] / TINY["epochs"])) - 1]  # warmup: half the run
+    lr = [
+        r["lr"]
+        for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    ]
+    assert (
+        max(lr) == lr[int(round(58 * TINY["warmup_epochs"] / TINY["epochs"])) - 1]
+    )  # warmup: half the run
 
     now["t"] = 0.0
     first = train(tiny_config(tiny_data, tmp_path / "split", minutes=1.0, max_steps=20))
@@ -198,7 +219,9 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
-def test_sigterm_saves_checkpoint_and_returns(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_saves_checkpoint_and_returns(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run")
     calls = {"n": 0}
     original = Loss.forward
@@ -224,7 +247,9 @@ def test_export_backbone_round_trip(tiny_data: Path, tmp_path: Path) -> None:
     missing, unexpected = model.load_state_dict(state)
     assert not missing and not unexpected
     teacher = ckpt_io.load(result.checkpoint)["teacher"]
-    assert torch.equal(state["blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"])
+    assert torch.equal(
+        state["blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"]
+    )
 
 
 def test_best_model_is_the_best_evaluation_after_step_0(tiny_data: Path, tmp_path: Path) -> None:
@@ -269,7 +294,9 @@ def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path) -> None:
         ({"batch_size": 64}, "fewer than one global batch"),
     ],
 )
-def test_contradictory_options_refused_before_work(tiny_data: Path, tmp_path: Path, overrides, message) -> None:
+def test_contradictory_options_refused_before_work(
+    tiny_data: Path, tmp_path: Path, overrides, message
+) -> None:
     with pytest.raises(ValueError, match=message):
         train(tiny_config(tiny_data, tmp_path / "run", **overrides))
 
@@ -305,8 +332,25 @@ def write_tiny_config(path: Path, **overrides) -> Path:
 def test_cli_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     config = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "run"
-    proc = run_cli("--preset", "cpu", "--config", str(config), "--data", str(tiny_data), "--out", str(out),
-                   "--max-steps", "3", "-b", "8", "--momentum-teacher", "0.995", "-c", "4", "--no-progress")
+    proc = run_cli(
+        "--preset",
+        "cpu",
+        "--config",
+        str(config),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "-b",
+        "8",
+        "--momentum-teacher",
+        "0.995",
+        "-c",
+        "4",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "done: 3 steps" in proc.stdout
     saved = json.loads((out / "config.json").read_text())
@@ -314,10 +358,16 @@ def test_cli_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def test_cli_print_config_uses_preset_and_options() -> None:
-    proc = run_cli("--preset", "imagenette", "--print-config", "-o", "4096", "--teacher-temp", "0.05")
+    proc = run_cli(
+        "--preset", "imagenette", "--print-config", "-o", "4096", "--teacher-temp", "0.05"
+    )
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
-    assert cfg["out_dim"] == 4096 and cfg["teacher_temp"] == 0.05 and cfg["model"] == "vit_small_patch16_224"
+    assert (
+        cfg["out_dim"] == 4096
+        and cfg["teacher_temp"] == 0.05
+        and cfg["model"] == "vit_small_patch16_224"
+    )
 
 
 def test_cli_bad_option_value_is_one_clear_error() -> None:
@@ -328,7 +378,9 @@ def test_cli_bad_option_value_is_one_clear_error() -> None:
 
 
 def test_cli_missing_data_is_one_clear_error(tmp_path: Path) -> None:
-    proc = run_cli("--preset", "cpu", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    proc = run_cli(
+        "--preset", "cpu", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
@@ -348,13 +400,39 @@ def free_port() -> int:
 def test_ddp_two_gloo_processes_match_one_process(tiny_data: Path, tmp_path: Path) -> None:
     """2 processes x batch 4 follow the same loss curve as 1 process x batch 8."""
     config = write_tiny_config(tmp_path / "tiny.json", drop_path_rate=0.0)
-    common = ["--preset", "cpu", "--config", str(config), "--data", str(tiny_data), "--max-steps", "4", "--no-progress"]
+    common = [
+        "--preset",
+        "cpu",
+        "--config",
+        str(config),
+        "--data",
+        str(tiny_data),
+        "--max-steps",
+        "4",
+        "--no-progress",
+    ]
     single = run_cli(*common, "--out", str(tmp_path / "one"), "-b", "8")
     assert single.returncode == 0, single.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", "-m", "dino_nb.train", *common, "--out", str(tmp_path / "two"), "-b", "4"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "dino_nb.train",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "-b",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

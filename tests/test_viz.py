@@ -136,3 +136,23 @@ def test_write_projector_with_writer_denormalizes(tmp_path):
     assert sprite[:8, :8].max() == 0
     with pytest.raises(ValueError):
         viz.write_projector(tmp_path, torch.randn(2, 4), None, ["a"])
+
+
+def test_schedules_figure_draws_every_schedule_per_run():
+    from dino_nb.config import preset
+    from dino_nb.schedules import Schedules
+
+    cfg = preset("imagenette", epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3)
+    fig = viz.schedules_figure({"a": Schedules(cfg, 100, 256), "b": Schedules(cfg, 40, 256)})
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == [
+        "learning rate",
+        "weight decay",
+        "teacher momentum",
+        "teacher temperature",
+    ]
+    for ax in axes:
+        assert len(ax.lines) == 2
+        assert ax.lines[0].get_xdata()[-1] == pytest.approx(0.99)  # fraction of the run
+    with pytest.raises(ValueError):
+        viz.schedules_figure({})
