@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from dino_nb.augment import DataAugmentation, normalize_uint8
 from dino_nb.config import preset
 from dino_nb.data import build_datasets, collate_crops
-from dino_nb.engine import build_run, train_step
+from dino_nb.engine import Run, build_run, train_step
 from dino_nb.gpu_augment import DecodeResize
 from dino_nb.pixels import CachedCanvases, MultiCropCollate, WithSeeds
 from dino_nb.sampling import SeededDataset, TrainSampler
@@ -54,7 +54,13 @@ PATHS = ("PIL", "JPEG + batched", "cache + batched")
 
 
 def step_rate(args: argparse.Namespace) -> tuple[float, float]:
-    """Images/s and seconds per step of the shipped training step on a small ViT, same crops."""
+    """Images/s and seconds per step of the shipped training step on a small ViT, same crops.
+
+    With ``--preset``, the preset's own model and head (what that recipe trains).
+    """
+    if args.preset:
+        cfg = preset(args.preset, precision="fp32", device="cpu", freeze_last_layer=0)
+        return _time_step(build_run(cfg, steps_per_epoch=1000), args)
     vit = {
         "img_size": args.global_size,
         "patch_size": 8,
@@ -75,7 +81,10 @@ def step_rate(args: argparse.Namespace) -> tuple[float, float]:
         device="cpu",
         freeze_last_layer=0,
     )
-    run = build_run(cfg, steps_per_epoch=1000)
+    return _time_step(build_run(cfg, steps_per_epoch=1000), args)
+
+
+def _time_step(run: Run, args: argparse.Namespace) -> tuple[float, float]:
     sizes = [args.global_size] * 2 + [args.local_size] * args.n_local
     crops = [
         normalize_uint8(torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8))
@@ -131,7 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         "--out-dim", type=int, default=4096, help="head output dimension of the reference step"
     )
     p.add_argument("--no-step", action="store_true", help="skip the reference training step")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="take crops, batch, canvas and the reference step's model from a preset, e.g. cpu-photos",
+    )
     args = p.parse_args(argv)
+    if args.preset:
+        cfg = preset(args.preset)
+        args.global_size, args.local_size = cfg.global_size, cfg.local_size
+        args.n_local, args.batch = cfg.n_local_crops, cfg.batch_size
+        args.canvas = round(cfg.global_size * 256 / 224)
     if args.quick:
         args.batches, args.repeats = 2, 1
     threads = C.set_threads(args.threads)

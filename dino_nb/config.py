@@ -341,8 +341,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         projector_size=100,
         save_every=100,
     ),
-    # Photos on a CPU (ImageNette or any folder of photos), in a wall-time budget. Provisional:
-    # the values and their reasons are filled in from the recipe search (see the README).
+    # Photos on a CPU (ImageNette or any folder of photos) in a wall-time budget: the photos are
+    # decoded once into a pixel cache and the crops cut in batches by the loader worker.
+    # The model is the `cpu` preset's (a 4-block ViT, width 128, 8x8 patches on 48-pixel
+    # globals), and so are the reasons for its departures from the paper (a short run). Work in
+    # progress: on imagenette-photos128, 15 minutes reach about 31% weighted kNN (k=20, full
+    # memory bank), not yet the 45% the recipe is for (random init: 29%; raw 32x32 pixels: 37%).
+    # Of the settings tried, K = 256 prototypes and a constant teacher temperature of 0.04 held
+    # the loss below log K (K = 1024 with the 0.04 -> 0.07 warmup stayed uniform at log K).
     "cpu-photos": dict(
         data="imagenette",
         minutes=15.0,
@@ -356,17 +362,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_heads": 4,
         },
         drop_path_rate=0.0,
-        out_dim=1024,
+        out_dim=256,
         hidden_dim=512,
         norm_last_layer=False,
         global_size=48,
         local_size=24,
         n_local_crops=4,
-        local_crops_scale=(0.1, 0.4),
-        batch_size=64,
-        epochs=10,
+        batch_size=32,
+        epochs=10,  # the recipe's shape; --minutes decides how many steps it spans
         base_lr=5e-3,
-        warmup_epochs=1,
+        warmup_epochs=1,  # 10% of the run
         momentum_teacher=0.99,
         momentum_teacher_end=0.99,
         teacher_temp=0.04,

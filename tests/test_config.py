@@ -150,3 +150,26 @@ def test_from_dict_missing_keys_take_defaults_and_unknown_keys_raise():
     assert TrainConfig.from_dict({"epochs": 3}) == dataclasses.replace(TrainConfig(), epochs=3)
     with pytest.raises(ValueError, match="not_a_field"):
         TrainConfig.from_dict({"epochs": 3, "not_a_field": 1})
+
+
+def test_cpu_photos_preset_pinned():
+    cfg = preset("cpu-photos")
+    expected = {
+        "minutes": 15.0,
+        "cache_pixels": True,
+        "global_size": 48,
+        "local_size": 24,
+        "n_local_crops": 4,
+        "out_dim": 256,
+        "batch_size": 32,
+        "teacher_temp": 0.04,
+        "warmup_teacher_temp_epochs": 0,
+        "momentum_teacher": 0.99,
+        "momentum_teacher_end": 0.99,
+        "norm_last_layer": False,
+    }
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.model_kwargs["img_size"] == cfg.global_size
+    assert cfg.global_size % cfg.model_kwargs["patch_size"] == 0
+    assert cfg.local_size % cfg.model_kwargs["patch_size"] == 0
+    assert cfg.warmup_epochs / cfg.epochs == pytest.approx(0.1)
