@@ -152,3 +152,34 @@ def test_gpu_check_quick_runs_every_row_on_the_cpu(tmp_path):
     ]
     for row in rows[1:]:
         assert float(row.split("|")[2]) > 0
+
+
+@pytest.mark.slow
+def test_photo_curve_trains_within_a_budget_and_evaluates(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/photo_curve.py",
+            "--data",
+            "builtin",
+            "--preset",
+            "cpu",
+            "--minutes",
+            "0.1",
+            "--out",
+            str(tmp_path),
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert len(rows) == 2
+    minutes, _, steps, rate, knn = (c.strip() for c in rows[1].split("|")[1:6])
+    assert minutes == "0.1" and int(steps) >= 1 and float(rate) > 0 and 0 < float(knn) <= 1
+    assert (tmp_path / "cpu-0.1min" / "eval" / "metrics.json").is_file()
