@@ -178,7 +178,7 @@ def main(argv=None):
 
     if args.device:
         device = torch.device(args.device)
-        gpu_aug = GPUMultiCrop(n_local_crops=8, size=224, local_size=96)
+        gpu_aug = GPUMultiCrop(n_local_crops=8, global_size=224, local_size=96)
         canvases = cpu_side()[: min(args.images, args.batch)]
         canvases = canvases.repeat((args.batch + len(canvases) - 1) // len(canvases), 1, 1, 1)[
             : args.batch

@@ -82,7 +82,7 @@ def main(argv=None):
         print(C.machine_line(n_threads), flush=True)
         for name, canvas, size, local_size, n_local, batch in settings:
             images = canvases(paths, canvas, batch, device)
-            kw = dict(n_local_crops=n_local, size=size, local_size=local_size)
+            kw = dict(n_local_crops=n_local, global_size=size, local_size=local_size)
             contenders = {"hand": GPUMultiCrop(**kw)}
             if KorniaMultiCrop is not None:
                 contenders["kornia"] = KorniaMultiCrop(**kw)

@@ -110,19 +110,19 @@ class KorniaMultiCrop(MultiCropSettings):
         global_crops_scale: Sequence[float] = (0.4, 1),
         local_crops_scale: Sequence[float] = (0.05, 0.4),
         n_local_crops: int = 8,
-        size: int = 224,
+        global_size: int = 224,
         local_size: int | None = None,
         normalize: bool = True,
         out_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
-            global_crops_scale, local_crops_scale, n_local_crops, size, local_size, normalize
+            global_crops_scale, local_crops_scale, n_local_crops, global_size, local_size, normalize
         )
         self.out_dtype = out_dtype
         g1_blur, g2_blur, l_blur = P_BLUR
         self.globals = [
-            _pipeline(self.size, self.global_crops_scale, g1_blur, 0.0),
-            _pipeline(self.size, self.global_crops_scale, g2_blur, P_SOLARIZE),
+            _pipeline(self.global_size, self.global_crops_scale, g1_blur, 0.0),
+            _pipeline(self.global_size, self.global_crops_scale, g2_blur, P_SOLARIZE),
         ]
         self.locals = _pipeline(self.local_size, self.local_crops_scale, l_blur, 0.0)
 
@@ -135,7 +135,7 @@ class KorniaMultiCrop(MultiCropSettings):
             aug.global_crops_scale,
             aug.local_crops_scale,
             aug.n_local_crops,
-            aug.size,
+            aug.global_size,
             aug.local_size,
             True,
             out_dtype,

@@ -292,11 +292,6 @@ class MultiCropSettings:
         return f"{type(self).__name__}({fields})"
 
     @property
-    def size(self) -> int:
-        """Old name of :attr:`global_size`, still read by ``gpu_augment.py`` and ``pixels.py``; to go."""
-        return self.global_size
-
-    @property
     def n_crops(self) -> int:
         """Total number of views per image."""
         return 2 + self.n_local_crops

@@ -44,7 +44,7 @@ one jitter order per batch instead of per image and do not anti-alias shrinking 
 Examples:
     >>> decode = DecodeResize(64)
     >>> images = torch.stack([decode(Image.new("RGB", (80, 60))) for _ in range(4)])
-    >>> gpu_aug = GPUMultiCrop(n_local_crops=2, size=48, local_size=24)
+    >>> gpu_aug = GPUMultiCrop(n_local_crops=2, global_size=48, local_size=24)
     >>> [tuple(c.shape) for c in gpu_aug(images)]
     [(4, 3, 48, 48), (4, 3, 48, 48), (4, 3, 24, 24), (4, 3, 24, 24)]
 """
@@ -366,7 +366,7 @@ class GPUMultiCrop(MultiCropSettings):
         global_crops_scale: range of the fraction of the canvas area a global crop covers.
         local_crops_scale: same for local crops.
         n_local_crops: number of local crops.
-        size: side of the global crops in pixels.
+        global_size: side of the global crops in pixels.
         local_size: side of the local crops; ``None`` means ``size``.
         normalize: normalise with the ImageNet mean and std (``False`` returns [0, 1]).
         out_dtype: dtype of the returned crops (``torch.bfloat16`` halves the memory).
@@ -384,13 +384,13 @@ class GPUMultiCrop(MultiCropSettings):
         global_crops_scale: Sequence[float] = (0.4, 1),
         local_crops_scale: Sequence[float] = (0.05, 0.4),
         n_local_crops: int = 8,
-        size: int = 224,
+        global_size: int = 224,
         local_size: int | None = None,
         normalize: bool = True,
         out_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
-            global_crops_scale, local_crops_scale, n_local_crops, size, local_size, normalize
+            global_crops_scale, local_crops_scale, n_local_crops, global_size, local_size, normalize
         )
         self.out_dtype = out_dtype
 

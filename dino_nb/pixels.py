@@ -27,7 +27,7 @@ root. Writes are atomic (a temporary file, then ``os.replace``): a killed build 
 partial file under the final name.
 
 Examples:
-    >>> aug = DataAugmentation(n_local_crops=6, size=64, local_size=32, normalize=False)
+    >>> aug = DataAugmentation(n_local_crops=6, global_size=64, local_size=32, normalize=False)
     >>> bundle = build_datasets("builtin", aug, eval_size=64)
     >>> train_set = WithSeeds(CachedCanvases(bundle.train_plain, canvas=73))
     >>> sampler = TrainSampler(len(train_set), batch_size=64, seed=0)
@@ -353,7 +353,7 @@ class MultiCropCollate:
             augmentation.global_crops_scale,
             augmentation.local_crops_scale,
             augmentation.n_local_crops,
-            augmentation.size,
+            augmentation.global_size,
             augmentation.local_size,
             normalize=self.normalize,
         )

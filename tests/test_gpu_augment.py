@@ -164,7 +164,7 @@ def test_blur_matches_torchvision_inside_and_skips_nan():
 
 
 def test_shapes_dtypes_and_params():
-    aug = GPUMultiCrop(n_local_crops=3, size=24, local_size=12, out_dtype=torch.bfloat16)
+    aug = GPUMultiCrop(n_local_crops=3, global_size=24, local_size=12, out_dtype=torch.bfloat16)
     crops, params = aug.views(as_batch(smooth_image(32), 5))
     assert [tuple(c.shape) for c in crops] == [(5, 3, 24, 24)] * 2 + [(5, 3, 12, 12)] * 3
     assert all(c.dtype == torch.bfloat16 for c in crops) and aug.n_crops == 5
@@ -187,7 +187,7 @@ def test_from_augmentation_copies_settings():
         gpu.global_crops_scale,
         gpu.local_crops_scale,
         gpu.n_local_crops,
-        gpu.size,
+        gpu.global_size,
         gpu.local_size,
     ) == (
         (0.3, 0.9),
@@ -196,7 +196,9 @@ def test_from_augmentation_copies_settings():
         64,
         32,
     )
-    assert GPUMultiCrop(n_local_crops=0, size=16)(as_batch(smooth_image(20), 2))[1].shape == (
+    assert GPUMultiCrop(n_local_crops=0, global_size=16)(as_batch(smooth_image(20), 2))[
+        1
+    ].shape == (
         2,
         3,
         16,
@@ -206,7 +208,7 @@ def test_from_augmentation_copies_settings():
 
 def test_generator_reproduces_and_global_rng_is_used():
     images = as_batch(smooth_image(32), 3)
-    aug = GPUMultiCrop(n_local_crops=2, size=16, local_size=8)
+    aug = GPUMultiCrop(n_local_crops=2, global_size=16, local_size=8)
     a = aug(images, torch.Generator().manual_seed(3))
     b = aug(images, torch.Generator().manual_seed(3))
     c = aug(images, torch.Generator().manual_seed(4))
@@ -220,7 +222,7 @@ def test_generator_reproduces_and_global_rng_is_used():
 
 
 def test_bad_input_is_rejected():
-    aug = GPUMultiCrop(n_local_crops=1, size=8)
+    aug = GPUMultiCrop(n_local_crops=1, global_size=8)
     with pytest.raises(ValueError, match="uint8"):
         aug(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="uint8"):
@@ -244,7 +246,7 @@ def no_random_ops(monkeypatch):
 
 def test_full_crop_without_ops_is_the_image(no_random_ops):
     images = as_batch(smooth_image(32), 2)
-    crops = GPUMultiCrop((1.0, 1.0), n_local_crops=0, size=32, normalize=False)(images)
+    crops = GPUMultiCrop((1.0, 1.0), n_local_crops=0, global_size=32, normalize=False)(images)
     torch.testing.assert_close(crops[0], images.float() / 255, atol=1e-6, rtol=0)
 
 
@@ -254,7 +256,7 @@ def test_forced_operations(no_random_ops, op):
     plain = images.float() / 255
     name = {"flip": "P_FLIP", "grayscale": "P_GRAYSCALE", "solarize": "P_SOLARIZE"}[op]
     no_random_ops.setattr(ga, name, 1.0)
-    crops, params = GPUMultiCrop((1.0, 1.0), n_local_crops=0, size=32, normalize=False).views(
+    crops, params = GPUMultiCrop((1.0, 1.0), n_local_crops=0, global_size=32, normalize=False).views(
         images
     )
     if op == "flip":
