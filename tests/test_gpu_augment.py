@@ -256,9 +256,9 @@ def test_forced_operations(no_random_ops, op):
     plain = images.float() / 255
     name = {"flip": "P_FLIP", "grayscale": "P_GRAYSCALE", "solarize": "P_SOLARIZE"}[op]
     no_random_ops.setattr(ga, name, 1.0)
-    crops, params = GPUMultiCrop((1.0, 1.0), n_local_crops=0, global_size=32, normalize=False).views(
-        images
-    )
+    crops, params = GPUMultiCrop(
+        (1.0, 1.0), n_local_crops=0, global_size=32, normalize=False
+    ).views(images)
     if op == "flip":
         torch.testing.assert_close(crops[0], plain.flip(-1), atol=1e-6, rtol=0)
         assert params[0].flipped.all()
