@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -379,6 +380,98 @@ class RobustImageFolder(ImageFolder):
         )
 
 
+#: Share of an unlabelled folder held aside for the label-free score (at least a few images).
+HOLD_OUT_FRACTION = 0.05
+#: At most this many held-aside images: the score is cheap at any folder size.
+HOLD_OUT_MAX = 500
+#: At least this many held-aside images (fewer in folders under twice that size).
+HOLD_OUT_MIN = 16
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Every image file below ``root``, at any depth, as sorted relative POSIX paths.
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.dino_nb_cache``) are skipped;
+    symbolic links to folders are followed. The order is the sorted relative path, the
+    same on every machine.
+    """
+    root = Path(root)
+    found: list[str] = []
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(root)
+        found += [
+            (rel / f).as_posix()
+            for f in files
+            if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
+        ]
+    return sorted(found)
+
+
+def held_out(paths: Sequence[str]) -> set[str]:
+    """The relative paths held aside from training: the smallest SHA-1 hashes of the paths.
+
+    ``HOLD_OUT_FRACTION`` of the files (``HOLD_OUT_MIN`` to ``HOLD_OUT_MAX``, never more
+    than half). A file's fate depends on its name only, not on listing order or the
+    machine, so a growing folder keeps most of its held-aside images.
+    """
+    n = len(paths)
+    k = min(HOLD_OUT_MAX, n // 2, max(round(HOLD_OUT_FRACTION * n), HOLD_OUT_MIN))
+    ranked = sorted(paths, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+    return set(ranked[:k])
+
+
+class ImageFiles(RobustImageFolder):
+    """Every image below a folder, at any depth, without labels: ``dataset[i] -> (image, -1)``.
+
+    The unlabelled counterpart of :class:`RobustImageFolder` (same ``samples``, ``targets``,
+    ``remove``, ``with_transform``, RGB loading and unreadable-file handling), so the
+    training pipeline (sampler, pixel cache, augmentation) takes it unchanged. ``classes``
+    is empty and every target is ``-1``.
+
+    Args:
+        root: the folder; sub-folders are only nesting, never classes.
+        transform: applied to the RGB ``PIL.Image``.
+        strict: make unreadable files fatal at load time.
+        files: relative paths to use (default: all of :func:`list_images`).
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no image files.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        strict: bool = False,
+        files: Sequence[str] | None = None,
+    ) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        files = list_images(root) if files is None else list(files)
+        if not files:
+            raise FileNotFoundError(
+                f"{root} holds no images (looked in every subfolder for files ending in "
+                f"{', '.join(IMG_EXTENSIONS)})"
+            )
+        self.root = str(root)
+        self.transform, self.target_transform = transform, None
+        self.transforms = StandardTransform(transform, None)
+        self.loader, self.strict = rgb_loader, strict
+        self.classes: list[str] = []
+        self.class_to_idx: dict[str, int] = {}
+        self.samples = [(str(root / f), -1) for f in files]
+        self.imgs = self.samples
+        self.targets = [-1] * len(self.samples)
+
+    @property
+    def relative_paths(self) -> list[str]:
+        """The files of the samples relative to ``root``, in sample order (POSIX separators)."""
+        return [Path(p).relative_to(self.root).as_posix() for p, _ in self.samples]
+
+
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
     """Raise ``ValueError`` naming the classes that only one of train and val holds."""
     if train.classes != val.classes:
@@ -416,14 +509,15 @@ def plain_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def resolve_data_root(data: str | os.PathLike | None) -> Path:
-    """Turn a ``--data`` value into a folder holding ``train/`` and ``val/``.
+    """Turn a ``--data`` value into a folder: one holding ``train/`` and ``val/``, or any other.
 
     ``None`` or ``"builtin"`` selects the built-in dataset (generated on first use);
     ``"imagenette"`` runs :func:`find_imagenette`; a path is used as it is, or, when it has
-    no ``train/`` and ``val/``, searched for ImageNette below it.
+    no ``train/`` and ``val/``, searched for ImageNette below it; when none is found, the
+    folder itself is returned and :func:`build_datasets` opens it unlabelled.
 
     Raises:
-        FileNotFoundError: when the folder or its ``train``/``val`` subfolders are missing,
+        FileNotFoundError: when the folder is missing, has only one of ``train``/``val``,
             or ImageNette is not found (the message says where it looked and how to download).
     """
     if data is None or str(data) == BUILTIN:
@@ -439,7 +533,9 @@ def resolve_data_root(data: str | os.PathLike | None) -> Path:
     nested = _search(root, SEARCH_DEPTH)
     if nested is not None:
         return nested
-    raise FileNotFoundError(f"data folder {root} has no {' or '.join(missing)} subfolder")
+    if len(missing) == 1:  # half a labelled layout is a mistake, not a folder of photos
+        raise FileNotFoundError(f"data folder {root} has no {missing[0]} subfolder")
+    return root  # any other folder: all its images, unlabelled (see ImageFiles)
 
 
 class DatasetBundle:
@@ -450,9 +546,12 @@ class DatasetBundle:
         train_aug: training images through the multi-crop augmentation.
         train_plain: training images through :func:`plain_transform` (kNN memory bank).
         val_plain: validation images through :func:`plain_transform`.
-        classes: class folder names, the same for all three.
+        classes: class folder names, the same for all three (empty when unlabelled).
         names: human names of the classes (ImageNette ids become "tench", ...).
         unreadable: ``{path: reason}`` of the files skipped because they could not be read.
+        labelled: ``train/`` and ``val/`` with class folders; ``False`` for a folder of
+            images (:class:`ImageFiles`), whose ``val_plain`` holds the images held aside
+            from training (:func:`held_out`) and whose targets are all ``-1``.
     """
 
     def __init__(
@@ -470,6 +569,7 @@ class DatasetBundle:
         self.classes = list(train_plain.classes)
         self.names = class_names(self.classes)
         self.unreadable = dict(unreadable or {})
+        self.labelled = bool(self.classes)
 
 
 def _drop_unreadable(
@@ -491,6 +591,10 @@ def _drop_unreadable(
     )
     for ds in splits:
         ds.remove(bad)
+        if not ds.classes:  # unlabelled: only an empty folder is fatal
+            if not ds.samples:
+                raise FileNotFoundError(f"{ds.root}: no readable images left")
+            continue
         counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
         empty = [c for c, n in zip(ds.classes, counts, strict=True) if n == 0]
         if empty:
@@ -508,7 +612,10 @@ def build_datasets(
     *,
     scan: bool = True,
 ) -> DatasetBundle:
-    """Open ``train/`` and ``val/`` of a dataset for training and evaluation.
+    """Open ``train/`` and ``val/`` of a dataset, or a folder of images, for training and evaluation.
+
+    A folder without ``train/`` and ``val/`` is opened unlabelled: every image below it
+    (:class:`ImageFiles`), minus the few held aside by :func:`held_out` as ``val_plain``.
 
     Checks, in order of cost: the layout (class folders present, none empty, the same in
     train and val), then every file once with :func:`check_image_file` (a few seconds for
@@ -525,14 +632,28 @@ def build_datasets(
             stepped over) when loaded.
 
     Raises:
-        FileNotFoundError: missing data, no class folders or an empty class.
+        FileNotFoundError: missing data, no class folders, an empty class, or a folder
+            without images.
         ValueError: train and val with different classes; unreadable images under ``strict``.
     """
     root = resolve_data_root(data)
     plain = plain_transform(eval_size)
-    train_plain = RobustImageFolder(root / "train", plain, strict=strict)
-    val_plain = RobustImageFolder(root / "val", plain, strict=strict)
-    check_same_classes(train_plain, val_plain)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train_plain = RobustImageFolder(root / "train", plain, strict=strict)
+        val_plain = RobustImageFolder(root / "val", plain, strict=strict)
+        check_same_classes(train_plain, val_plain)
+    else:  # a folder of images: train on most, hold a few aside for the label-free score
+        files = ImageFiles(root, plain, strict=strict)
+        aside = held_out(files.relative_paths)
+        unreadable = _drop_unreadable(root, [files], strict) if scan else {}
+        rel = files.relative_paths
+        train_plain = ImageFiles(
+            root, plain, strict=strict, files=[f for f in rel if f not in aside]
+        )
+        val_plain = ImageFiles(root, plain, strict=strict, files=[f for f in rel if f in aside])
+        return DatasetBundle(
+            root, train_plain.with_transform(train_transform), train_plain, val_plain, unreadable
+        )
     unreadable = _drop_unreadable(root, [train_plain, val_plain], strict) if scan else {}
     train_aug = train_plain.with_transform(train_transform)
     return DatasetBundle(root, train_aug, train_plain, val_plain, unreadable)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -436,8 +436,10 @@ class KnnEvaluator:
 
     The subsets are drawn once with their own generator, so evaluation costs the same every
     time, never touches the training random state, and its numbers are comparable across
-    steps.
+    steps. ``score_key`` names the number that picks the best model.
     """
+
+    score_key = "knn_top1"
 
     def __init__(
         self, bundle: Any, cfg: Any, num_workers: int = 0, pin_memory: bool = False
@@ -474,6 +476,142 @@ class KnnEvaluator:
         )
         sklearn_top1 = sklearn_knn_topk(x_train, y_train, x_val, y_val)[0]
         return {"knn_top1": top1, "knn_top5": top5, "knn_sklearn": sklearn_top1}
+
+
+# --------------------------------------------------------------------------- without labels
+
+
+def twin_retrieval(views_a: torch.Tensor, views_b: torch.Tensor) -> float:
+    """How often an image's view finds its own twin view as its most cosine-similar one.
+
+    Row ``i`` of both tensors comes from image ``i``. Each view of ``views_a`` searches all of
+    ``views_b`` and each view of ``views_b`` all of ``views_a``; the score is the fraction
+    of the ``2 n`` searches whose nearest neighbour is the twin. Chance is ``1 / n``.
+
+    Args:
+        views_a: ``(n_images, dim)`` features of the first view of each image.
+        views_b: ``(n_images, dim)`` features of the second view.
+
+    Returns:
+        the fraction in [0, 1].
+    """
+    if views_a.shape != views_b.shape or views_a.ndim != 2 or views_a.shape[0] == 0:
+        raise ValueError(
+            f"need two (n_images, dim) tensors of one shape, got {tuple(views_a.shape)} "
+            f"and {tuple(views_b.shape)}"
+        )
+    a = F.normalize(views_a.float(), dim=1)  # (n, dim)
+    b = F.normalize(views_b.float(), dim=1)  # (n, dim)
+    sims = a @ b.T  # (n, n): sims[i, j] = cos(view a of i, view b of j)
+    twins = torch.arange(a.shape[0])
+    hits = (sims.argmax(dim=1) == twins).sum() + (sims.argmax(dim=0) == twins).sum()
+    return hits.item() / (2 * a.shape[0])
+
+
+def view_transform(size: int) -> Callable[[Any], torch.Tensor]:
+    """The random view of :func:`view_agreement`: a crop of 25-100 % of the image, flip, colour.
+
+    DINO's global-crop family without blur and solarisation (jitter strengths of the paper),
+    resized to ``size`` and normalised.
+    """
+    from torchvision import transforms
+
+    from .augment import IMAGENET_MEAN, IMAGENET_STD, JITTER, P_GRAYSCALE, P_JITTER
+
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                size, scale=(0.25, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.ColorJitter(*JITTER)], p=P_JITTER),
+            transforms.RandomGrayscale(p=P_GRAYSCALE),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _flatten_views(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` x ``(2, 3, s, s)`` twin views to ``(2 B, 3, s, s)``, twins adjacent, and dummy labels."""
+    views = torch.cat([pair for pair, _ in batch])  # (2 B, 3, s, s)
+    return views, torch.zeros(len(views), dtype=torch.long)
+
+
+def view_agreement(
+    backbone: nn.Module,
+    dataset: Any,
+    size: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """A label-free score of features: do two random views of an image find each other?
+
+    Each image gets two random views (:func:`view_transform`); both are embedded, and
+    :func:`twin_retrieval` counts how often a view's nearest neighbour among the other
+    views is its own twin. Good features are invariant to the augmentations (the twins
+    stay close) and distinctive (other images stay further away), so the score rises as
+    they improve; a collapsed model (every image alike) scores chance, ``1 / n``. It
+    measures instance retrieval, not semantics: the label-free stand-in for kNN accuracy.
+
+    The views are drawn from their own seeded generator (the training random state is
+    untouched), so every call on the same images sees the same views.
+
+    Args:
+        backbone: maps ``(n, 3, size, size)`` images to ``(n, dim)`` features.
+        dataset: images with ``with_transform`` (an :class:`~dino_nb.data.ImageFiles` or
+            ``RobustImageFolder``), e.g. the held-aside images of an unlabelled folder.
+        size: side of the views in pixels.
+        seed: seeds the views.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{"view_agreement": fraction, "view_agreement_chance": 1 / n}``.
+    """
+    backbone = unwrap_backbone(backbone)
+    view = view_transform(size)
+    twins = dataset.with_transform(lambda img: torch.stack([view(img), view(img)]))
+    with torch.random.fork_rng(devices=[]):  # views from their own seed, same at every call
+        torch.manual_seed(seed)
+        features, _ = extract_features(
+            backbone, make_loader(twins, batch_size, collate_fn=_flatten_views)
+        )
+    n = len(dataset)
+    pairs = features.view(n, 2, -1)  # (n_images, 2, dim): the two views of each image
+    return {
+        "view_agreement": twin_retrieval(pairs[:, 0], pairs[:, 1]),
+        "view_agreement_chance": 1.0 / n,
+    }
+
+
+class ViewAgreementEvaluator:
+    """:func:`view_agreement` on the held-aside images of an unlabelled folder, during training.
+
+    The training loop's evaluation when there are no labels (``bundle.labelled`` is
+    false); ``score_key`` names the number that picks the best model.
+    """
+
+    score_key = "view_agreement"
+
+    def __init__(self, bundle: Any, cfg: Any) -> None:
+        self.dataset = bundle.val_plain
+        self.size, self.seed, self.batch_size = cfg.global_size, cfg.seed, cfg.batch_size_eval
+
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        """The view agreement of ``backbone`` and its chance level."""
+        return view_agreement(
+            backbone, self.dataset, self.size, seed=self.seed, batch_size=self.batch_size
+        )
+
+
+def make_evaluator(
+    bundle: Any, cfg: Any, num_workers: int = 0, pin_memory: bool = False
+) -> KnnEvaluator | ViewAgreementEvaluator:
+    """The training loop's evaluation: weighted kNN with labels, view agreement without."""
+    if bundle.labelled:
+        return KnnEvaluator(bundle, cfg, num_workers, pin_memory)
+    return ViewAgreementEvaluator(bundle, cfg)
 
 
 class _Images:
@@ -583,6 +721,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = int(config.get("global_size") or 224)
         backbone = backbone_from_checkpoint(str(ckpt_path), args.which).to(device)
         bundle = build_datasets(args.data, plain_transform(size), size)
+        if not bundle.labelled:
+            raise ValueError(
+                f"{bundle.root} has no train/ and val/ class folders, so there is nothing to "
+                "classify; embed and search it with `python -m dino_nb.embed`"
+            )
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from .config import TrainConfig, validate
 from .data import make_loader, projector_subset
 from .distributed import DistInfo, mean_across_ranks, setup, teardown
 from .engine import Run, TrainingData, build_run, build_training_data, seed_everything, train_step
-from .evaluate import KnnEvaluator
+from .evaluate import make_evaluator
 from .schedules import Schedules
 from .signals import CollapseMonitor
 
@@ -48,6 +48,9 @@ _RESUME_MUST_MATCH = (
     "batch_size",
     "seed",
 )
+
+#: How the summary line names the evaluation score.
+_SCORE_NAMES = {"knn_top1": "weighted kNN top-1", "view_agreement": "view agreement"}
 
 #: The clock of the time budget (a test may replace it with a fake one).
 clock = time.monotonic
@@ -65,8 +68,11 @@ class TrainResult:
         out_dir: the run folder.
         steps: optimizer steps done in total (including those before a resume).
         total_steps: the steps the schedules span (fixed by ``--minutes`` when given).
-        knn_history: ``[(step, weighted kNN top-1), ...]`` for every evaluation of this run.
-        best_knn: best top-1 seen (including before a resume).
+        knn_history: ``[(step, score), ...]`` for every evaluation of this run; the score is
+            the weighted kNN top-1 with labels, the view agreement of the held-aside images
+            for an unlabelled folder (see :func:`dino_nb.evaluate.view_agreement`).
+        best_knn: best score seen (including before a resume).
+        score: the name of that score: ``"knn_top1"`` or ``"view_agreement"``.
         interrupted: the run stopped early on SIGTERM or Ctrl-C, after saving a checkpoint.
         seconds: wall time of this call.
     """
@@ -76,6 +82,7 @@ class TrainResult:
     total_steps: int = 0
     knn_history: list[tuple[int, float]] = field(default_factory=list)
     best_knn: float = 0.0
+    score: str = "knn_top1"
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -192,10 +199,12 @@ class _Books:
         )
         self.logger = _Logger(out_dir, cfg, main)
         self.evaluator = (
-            KnnEvaluator(data.bundle, cfg, data.loader.num_workers, data.loader.pin_memory)
+            make_evaluator(data.bundle, cfg, data.loader.num_workers, data.loader.pin_memory)
             if main
             else None
         )
+        if self.evaluator is not None:
+            result.score = self.evaluator.score_key
         self.monitor = CollapseMonitor(cfg.out_dim, warmup_steps=run.schedules.warmup_steps)
         self.images_seen, self.window_start = 0, time.perf_counter()
 
@@ -206,7 +215,7 @@ class _Books:
         return total if self.run.cfg.max_steps is None else min(total, self.run.cfg.max_steps)
 
     def evaluate(self, step: int) -> None:
-        """Weighted kNN of the teacher; keep the best model (by kNN after step 0)."""
+        """Weighted kNN (or, unlabelled, view agreement) of the teacher; keep the best model by it."""
         if self.evaluator is None:
             return
         t0 = clock()
@@ -215,11 +224,12 @@ class _Books:
         if self.budget is not None:
             self.budget.record_eval(scores["eval_seconds"])
         self.logger.log(step, step // self.run.steps_per_epoch, scores)
-        self.result.knn_history.append((step, scores["knn_top1"]))
-        if scores["knn_top1"] > self.result.best_knn and step > 0:
-            self.result.best_knn = scores["knn_top1"]
-            best = self.run.checkpoint(step, knn_top1=self.result.best_knn)
-            keep = ("student", "teacher", "config", "step", "knn_top1")
+        key = self.evaluator.score_key  # knn_top1, or view_agreement without labels
+        self.result.knn_history.append((step, scores[key]))
+        if scores[key] > self.result.best_knn and step > 0:
+            self.result.best_knn = scores[key]
+            best = self.run.checkpoint(step, **{key: self.result.best_knn})
+            keep = ("student", "teacher", "config", "step", key)
             ckpt_io.save_atomic({k: best[k] for k in keep}, self.out_dir / ckpt_io.BEST)
 
     def save(self, step: int) -> None:
@@ -274,7 +284,8 @@ class _Books:
     def close(self, step: int) -> None:
         """The projector (rank 0, finished runs), then close the logs; say how to resume."""
         cfg, main = self.run.cfg, self.run.info.is_main
-        if main and not self.result.interrupted and cfg.projector_size > 0:
+        labelled = self.data.bundle.labelled  # the projector colours points by class
+        if main and not self.result.interrupted and cfg.projector_size > 0 and labelled:
             self.logger.projector(self.run.teacher.backbone, self.data.bundle, cfg, step)
         self.logger.close()
         if main and self.result.interrupted:
@@ -499,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         first = result.knn_history[0][1] if result.knn_history else float("nan")
         last = result.knn_history[-1][1] if result.knn_history else float("nan")
         print(
-            f"done: {result.steps} steps in {result.seconds:.0f} s; weighted kNN top-1 "
+            f"done: {result.steps} steps in {result.seconds:.0f} s; {_SCORE_NAMES[result.score]} "
             f"{first:.1%} -> {last:.1%} (best {result.best_knn:.1%}); run folder {result.out_dir}"
         )
     return 143 if result.interrupted else 0

@@ -312,3 +312,73 @@ def test_imagenette_mini_through_the_real_path():
         x, y = next(iter(D.make_loader(ds, 8)))
         assert x.shape == (8, 3, 48, 48) and torch.isfinite(x).all()
     assert len(projector) == 20
+
+
+# --------------------------------------------------------------------------- unlabelled folders
+
+
+def nested_photos(root: Path, n: int = 40) -> Path:
+    """``n`` random JPEGs at three depths, plus files that are no images or hidden."""
+    for i in range(n):
+        write_image(
+            root / ("deep/er" if i % 3 == 0 else "top" if i % 3 == 1 else ".") / f"{i}.jpg", seed=i
+        )
+    (root / "notes.txt").write_text("not an image")
+    write_image(root / ".dino_nb_cache" / "x.jpg")
+    write_image(root / ".ipynb_checkpoints" / "y.jpg")
+    write_image(root / "top" / ".hidden.jpg")
+    return root
+
+
+def test_list_images_is_recursive_sorted_and_skips_hidden(tmp_path):
+    files = D.list_images(nested_photos(tmp_path, 9))
+    assert files == sorted(files) and len(files) == 9
+    assert "deep/er/0.jpg" in files and "top/1.jpg" in files and "2.jpg" in files
+    assert not any(part.startswith(".") for f in files for part in f.split("/"))
+
+
+def test_held_out_is_a_fixed_small_share_chosen_by_name():
+    paths = [f"p/{i}.jpg" for i in range(1000)]
+    aside = D.held_out(paths)
+    assert len(aside) == 50 and aside == D.held_out(list(reversed(paths)))
+    assert D.held_out(paths[:500] + ["new.jpg"]) >= aside & set(paths[:500]) - {max(aside)}
+    assert len(D.held_out([f"{i}" for i in range(100_000)])) == D.HOLD_OUT_MAX
+    assert len(D.held_out(["a", "b", "c"])) == 1  # never more than half
+
+
+def test_build_datasets_opens_a_nested_folder_without_labels(tmp_path):
+    root = nested_photos(tmp_path / "photos")
+    bundle = D.build_datasets(root, tiny_aug(), 32)
+    assert not bundle.labelled and bundle.classes == [] and bundle.root == root
+    train = {p for p, _ in bundle.train_plain.samples}
+    val = {p for p, _ in bundle.val_plain.samples}
+    assert not train & val and len(train | val) == 40 and len(val) == D.HOLD_OUT_MIN
+    image, target = bundle.val_plain[0]
+    assert image.shape == (3, 32, 32) and target == -1
+    crops, target = bundle.train_aug[0]
+    assert len(crops) == 4 and target == -1
+
+
+def test_unlabelled_folder_skips_unreadable_files_with_one_warning(tmp_path):
+    root = nested_photos(tmp_path / "photos", 20)
+    (root / "top" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.warns(D.DataWarning) as record:
+        bundle = D.build_datasets(root, tiny_aug(), 32)
+    assert len(record) == 1 and "broken.jpg" in str(record[0].message)
+    assert len(bundle.train_plain) + len(bundle.val_plain) == 20
+
+
+@pytest.mark.parametrize("content", ["empty", "no images", "only unreadable"])
+def test_folder_without_images_is_one_clear_error(tmp_path, content):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    if content == "no images":
+        (root / "sub" / "readme.txt").write_text("hello")
+    if content == "only unreadable":
+        (root / "sub" / "bad.png").write_bytes(b"nope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", D.DataWarning)
+        with pytest.raises(
+            FileNotFoundError, match=r"photos.*(holds no images|no readable images)"
+        ):
+            D.build_datasets(root, tiny_aug(), 32)

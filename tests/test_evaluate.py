@@ -306,3 +306,49 @@ def test_extract_features_unwraps_multicrop_wrapper():
     )
     wrapped = MultiCropWrapper(model, Head(5, 8, 16, 4, 2))
     assert torch.equal(extract_features(wrapped, loader)[0], extract_features(model, loader)[0])
+
+
+# --------------------------------------------------------------------------- without labels
+
+
+def test_twin_retrieval_against_a_hand_worked_example():
+    from dino_nb.evaluate import twin_retrieval
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.0, 1.0]])
+    # cos(a_i, b_j): a0 -> b0 (twin); a1 -> b2 (miss); a2 -> b1 (miss)
+    # b0 -> a0 (twin); b1 -> a2 (miss); b2 -> a1 (miss): 2 of 6
+    assert twin_retrieval(a, b) == pytest.approx(2 / 6)
+    assert twin_retrieval(a, a) == 1.0
+    with pytest.raises(ValueError, match="one shape"):
+        twin_retrieval(a, b[:2])
+
+
+class _Collapsed(torch.nn.Module):
+    """Every image to the same feature: a collapsed model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * torch.ones(x.shape[0], 4)
+
+
+def test_view_agreement_is_chance_for_a_collapsed_model_and_repeatable(tmp_path):
+    from fixtures_data import write_image
+
+    from dino_nb.data import ImageFiles, plain_transform
+    from dino_nb.evaluate import view_agreement
+
+    for i in range(12):
+        write_image(tmp_path / f"{i}.png", size=(40, 40), fmt="PNG", seed=i)
+    images = ImageFiles(tmp_path, plain_transform(32))
+    collapsed_model = _Collapsed()
+    rng_before = torch.get_rng_state()
+    collapsed = view_agreement(collapsed_model, images, 32, batch_size=5)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the training random state is untouched
+    assert collapsed == {"view_agreement": pytest.approx(1 / 12), "view_agreement_chance": 1 / 12}
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.Flatten())
+    first = view_agreement(backbone, images, 32, seed=3)
+    assert first == view_agreement(backbone, images, 32, seed=3)  # the same views every call

@@ -462,3 +462,27 @@ def test_pixel_cache_path_trains_reproducibly(tiny_data: Path, tmp_path: Path) -
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert losses(tmp_path / "a") != losses(tmp_path / "c")
     assert all(math.isfinite(x) for x in losses(tmp_path / "a"))
+
+
+def test_unlabelled_nested_folder_trains_scores_views_and_resumes(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """train/ of the generated data, its class folders only nesting: no labels, 40 images."""
+    photos = tiny_data / "train"
+    first = train(tiny_config(photos, tmp_path / "run", max_steps=2, cache_pixels=True))
+    assert first.steps == 2 and first.score == "view_agreement"
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in records if "view_agreement" in r]
+    assert [r["step"] for r in evals] == [0, 2] and not any("knn_top1" in r for r in records)
+    assert all(r["view_agreement_chance"] == 1 / 16 for r in evals)  # 16 images held aside
+    assert all(0.0 <= r["view_agreement"] <= 1.0 for r in evals)
+    assert all("batch_entropy" in r for r in records if "loss" in r)  # the collapse signals
+    assert [s for s, _ in first.knn_history] == [0, 2]
+    best = ckpt_io.load(tmp_path / "run" / ckpt_io.BEST)
+    assert set(best) == {"student", "teacher", "config", "step", "view_agreement"}
+
+    second = train(tiny_config(photos, tmp_path / "run", max_steps=4, cache_pixels=True))
+    assert second.steps == 4 and [s for s, _ in second.knn_history] == [4]
+    assert ckpt_io.load(second.checkpoint)["step"] == 4
