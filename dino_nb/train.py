@@ -166,6 +166,8 @@ def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> Train
             if stop.signal is not None:
                 result.interrupted = True
                 break
+            if books.out_of_time(step):  # the machine slowed down after the count was fixed
+                break
 
     if not result.interrupted:
         books.evaluate(step)
@@ -280,6 +282,27 @@ class _Books:
         if budget.total is not None:
             bar.total = self.last_step()
             bar.refresh()
+
+    def out_of_time(self, step: int) -> bool:
+        """Whether a fixed time budget has only the final evaluation's time left, before the last step.
+
+        The step count is fixed from the steps timed early; when the machine slows down later
+        (other work starts), the budget still holds: the run stops here, with the schedules
+        not finished, and says so.
+        """
+        budget = self.budget
+        if budget is None or budget.total is None or step >= self.last_step():
+            return False
+        if budget.seconds_left() > budget.eval_seconds:
+            return False
+        if self.run.info.is_main:
+            print(
+                f"time budget reached at step {step} of {budget.total}: the steps got slower than "
+                "measured at the start (is other work running?); stopping here",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
 
     def close(self, step: int) -> None:
         """The projector (rank 0, finished runs), then close the logs; say how to resume."""

@@ -193,6 +193,30 @@ def test_time_budget_fixes_the_step_count_and_resume_is_exact(
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
 
 
+def test_time_budget_holds_when_the_steps_get_slower(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Steps take 1 s until the count is fixed (58 in a minute), then 3 s: the run stops at the budget."""
+    import dino_nb.train as train_module
+
+    now = {"t": 0.0, "steps": 0}
+    original = train_module.train_step
+
+    def slowing_step(*args, **kwargs):
+        now["steps"] += 1
+        now["t"] += 1.0 if now["steps"] <= 15 else 3.0
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "clock", lambda: now["t"])
+    monkeypatch.setattr(train_module, "train_step", slowing_step)
+    result = train(tiny_config(tiny_data, tmp_path / "run", minutes=1.0))
+    assert result.total_steps == 58 and result.steps < 58
+    assert now["t"] <= 60.0  # evaluations take no time on this clock
+    assert result.steps == 15 + (60 - 15) // 3  # every step that fits, and no more
+    assert "time budget reached at step 30 of 58" in capsys.readouterr().err
+    assert ckpt_io.load(result.checkpoint)["step"] == result.steps
+
+
 def test_resume_refuses_other_architecture(tiny_data: Path, tmp_path: Path) -> None:
     train(tiny_config(tiny_data, tmp_path / "run", max_steps=1))
     with pytest.raises(ValueError, match="out_dim"):
