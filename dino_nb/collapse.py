@@ -1,4 +1,4 @@
-r"""The collapse study: why DINO needs both centering and sharpening (Caron et al. 2021, Sec. 5.3).
+r"""The collapse study: why DINO needs centering, sharpening and a momentum teacher (Caron et al. 2021).
 
 Self-distillation has two trivial solutions. The teacher's output can become **uniform**
 (every prototype equally likely, entropy :math:`\log K`) or **one-hot on one dimension**
@@ -9,7 +9,7 @@ teacher-student KL divergence drops to zero, and the features carry no informati
   dominating, but pushes towards the uniform distribution.
 * Sharpening (a low teacher temperature :math:`\tau_t < \tau_s`) does the opposite.
 
-The paper's Fig. 7 shows both failure modes; :func:`collapse_study` reproduces it in
+The paper's collapse study shows both failure modes; :func:`collapse_study` reproduces it in
 seconds on a CPU with a tiny MLP on random vectors (not a ViT on images): the point is the
 dynamics of the loss, not the features. With only centering the teacher entropy rises to
 :math:`\log K`, with only sharpening it falls to 0 and the whole batch
@@ -46,18 +46,24 @@ class CollapseSetting:
         name: label for legends.
         centering: subtract the EMA center (``center_momentum``); off keeps the center at 0.
         sharpening: use the low teacher temperature; off sets it to the student's.
+        momentum: the teacher is an EMA of the student (``teacher_momentum``); off copies the
+            student into the teacher after every step (momentum 0), the paper's "student
+            copy" teacher.
     """
 
     name: str
     centering: bool
     sharpening: bool
+    momentum: bool = True
 
 
-#: The paper's three arms (Fig. 7): both, centering only, sharpening only.
+#: The paper's three arms (both, centering only, sharpening only), and DINO without its
+#: momentum teacher (teacher = student after every step).
 SETTINGS = (
     CollapseSetting("centering + sharpening", True, True),
     CollapseSetting("centering only", True, False),
     CollapseSetting("sharpening only", False, True),
+    CollapseSetting("no momentum teacher", True, True, momentum=False),
 )
 
 
@@ -127,14 +133,14 @@ def run_setting(
     random Gaussian clusters and the "augmentations" noise plus feature dropout.
 
     Args:
-        setting: which of centering and sharpening are on.
+        setting: which of centering, sharpening and the momentum teacher are on.
         steps: optimizer steps.
         out_dim: K, the number of prototypes.
         batch_size: samples per step.
         teacher_temp: teacher temperature when sharpening is on (0.04 in the paper).
         student_temp: student temperature; also the teacher's when sharpening is off.
         center_momentum: EMA rate of the center when centering is on.
-        teacher_momentum: EMA rate of the teacher's weights.
+        teacher_momentum: EMA rate of the teacher's weights (0 when the arm has no momentum).
         lr: AdamW learning rate.
         noise: standard deviation of the noise added to make a view.
         drop: probability that a feature is zeroed in a view.
@@ -183,7 +189,7 @@ def run_setting(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update(teacher, student, teacher_momentum)
+        ema_update(teacher, student, teacher_momentum if setting.momentum else 0.0)
         run.loss.append(float(loss.detach()))
     return run
 
@@ -194,9 +200,9 @@ def collapse_study(
     """Run every arm with the same data, model initialisation and seed (a few seconds on a CPU).
 
     Args:
-        settings: the arms; default the paper's three.
+        settings: the arms; default the paper's three and the one without a momentum teacher.
         steps: optimizer steps per arm.
-        seed: shared seed, so the arms differ only in centering and sharpening.
+        seed: shared seed, so the arms differ only in their settings.
         **kwargs: passed on to :func:`run_setting` (``out_dim``, ``teacher_temp``, ...).
     """
     return [run_setting(s, steps=steps, seed=seed, **kwargs) for s in settings]

@@ -2,11 +2,12 @@
 
 Every function behind a slider lives here (and has a unit test), so the notebooks only
 import, call and wrap them in ``ipywidgets.interact``. Figures are ``matplotlib`` figures,
-returned and never shown here (the notebook displays them; the inline backend renders PNG).
+returned and never shown here (the notebook displays them, as JPEG after :func:`light_figures`).
 
 The **profile** decides how big the notebooks' runs are:
 
-* ``ci``: the committed outputs and ``pytest --nbval``; tiny, deterministic, one CPU thread.
+* ``ci``: the committed outputs and ``pytest --nbval``; the ``cpu`` recipe for a fixed number of
+  steps, deterministic, one CPU thread.
 * ``cpu``: a laptop or a CPU-only Colab/Kaggle session; the ``cpu`` preset in full.
 * ``gpu``: a CUDA GPU (Colab, Kaggle); ImageNette and the paper-sized preset when the data
   is found, the ``cpu`` preset on the GPU otherwise.
@@ -39,10 +40,14 @@ PROFILE_ENV = "DINO_NB_PROFILE"
 PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
 #: The environment variable naming the folder that holds the notebooks' runs (default ``runs/``).
 RUNS_ENV = "DINO_NB_RUNS"
-#: Optimizer steps of a notebook training run in the ``ci`` profile.
-CI_STEPS = 30
-#: Steps between kNN evaluations in the ``ci`` profile.
-CI_EVAL_EVERY = 15
+#: Cards with at most this much memory (GiB) get the ``t4`` preset in the ``gpu`` profile
+#: (a T4 reports about 14.7 GiB, a P100 about 15.9; the ``imagenette`` preset wants more).
+SMALL_GPU_GIB = 16.5
+#: Steps between kNN evaluations in the ``ci`` profile (the ``cpu`` recipe is 372 steps).
+CI_EVAL_EVERY = 93
+#: Fields of a :class:`~dino_nb.config.TrainConfig` that say where a run lives and how it
+#: reports, not what it computes: :func:`finished_run` ignores them.
+WHERE_FIELDS = ("out", "tensorboard_dir", "resume", "progress")
 
 
 # --------------------------------------------------------------------------- profile
@@ -123,6 +128,28 @@ def pick_profile(
     return profile
 
 
+def light_figures(dpi: int = 80, quality: int = 80) -> None:
+    """Show this notebook's figures as JPEG at a modest resolution, so the notebook stays small.
+
+    A figure full of photographs is several times smaller as JPEG than as PNG, and strict
+    nbval skips ``image/jpeg`` exactly as it skips ``image/png``. Applies to every figure the
+    kernel displays afterwards, widgets' outputs included. Outside IPython it does nothing.
+
+    Args:
+        dpi: pixels per inch of the rendered figures (matplotlib's default is 100).
+        quality: JPEG quality, 1-95.
+    """
+    if not 0 < dpi or not 1 <= quality <= 95:
+        raise ValueError(f"need dpi > 0 and quality in [1, 95], got {dpi} and {quality}")
+    from IPython import get_ipython
+
+    if get_ipython() is None:
+        return  # a script or a test: figures are not displayed
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    set_matplotlib_formats("jpeg", dpi=dpi, pil_kwargs={"quality": quality})
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -161,11 +188,13 @@ def runs_dir(name: str) -> Path:
 def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """The notebooks' training configuration for a profile.
 
-    * ``ci``: the ``cpu`` preset stopped after :data:`CI_STEPS` steps, evaluated every
-      :data:`CI_EVAL_EVERY`; a few seconds of work whose printed numbers repeat exactly.
+    * ``ci``: the whole ``cpu`` recipe (372 steps, about 90 s on an idle 2-core machine) with a
+      fixed step count instead of the preset's time budget, evaluated every
+      :data:`CI_EVAL_EVERY` steps: long enough to learn, and its printed numbers repeat exactly.
     * ``cpu``: the ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
-    * ``gpu``: the ``imagenette`` preset (ViT-S/16, the paper's crops) when ImageNette is
-      found, else the ``cpu`` preset on the GPU.
+    * ``gpu``: with ImageNette found, the ``imagenette`` preset (ViT-S/16, the paper's crops),
+      or the ``t4`` preset (ViT-Ti/16) on a card of at most :data:`SMALL_GPU_GIB` GiB (a Colab or
+      Kaggle T4, a P100); without ImageNette, the ``cpu`` preset on the GPU.
 
     Args:
         profile: from :func:`pick_profile`.
@@ -174,19 +203,49 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     """
     if profile.name == "ci":
         # a fixed step count, not the preset's time budget: the outputs must repeat on any CPU
-        values: dict[str, Any] = {
-            "max_steps": CI_STEPS,
-            "eval_every": CI_EVAL_EVERY,
-            "minutes": None,
-        }
+        values: dict[str, Any] = {"eval_every": CI_EVAL_EVERY, "minutes": None}
         name = "cpu"
     elif profile.name == "cpu":
         values, name = {}, "cpu"
     else:
         from .data import imagenette_available
 
-        values, name = ({}, "imagenette") if imagenette_available() else ({"device": "cuda"}, "cpu")
+        if not imagenette_available():
+            values, name = {"device": "cuda"}, "cpu"
+        else:
+            values, name = {}, "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
     return preset(name, **{**values, "out": str(out), **overrides})
+
+
+def gpu_memory_gib() -> float:
+    """Memory of CUDA device 0 in GiB (0 without CUDA)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def finished_run(checkpoint: str | os.PathLike, cfg: TrainConfig) -> bool:
+    """Whether ``checkpoint`` ends a run that had ``cfg``'s settings, so its result can be reused.
+
+    Training is deterministic (same settings, same weights, also across a resume), so a finished
+    run with the same settings, wherever it lives, is the run ``cfg`` would make: notebook 05
+    reuses notebook 04's instead of training again. Fields in :data:`WHERE_FIELDS` are ignored.
+
+    Args:
+        checkpoint: a ``checkpoint.pth``; a missing file gives ``False``.
+        cfg: the settings the caller would train with.
+    """
+    from .checkpoint import load
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return False
+    state = load(path)
+    theirs = TrainConfig.from_dict(state["config"]).to_dict()
+    mine = cfg.to_dict()
+    if any(theirs[k] != mine[k] for k in mine if k not in WHERE_FIELDS):
+        return False
+    return "total_steps" in state and int(state["step"]) >= int(state["total_steps"])
 
 
 # --------------------------------------------------------------------------- images

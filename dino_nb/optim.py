@@ -38,8 +38,9 @@ def clip_gradients(model: nn.Module, clip: float = 2.0) -> torch.Tensor:
 def param_groups(model: nn.Module) -> list[dict]:
     """Split trainable parameters: weight decay on weights, none on biases and norm parameters.
 
-    One-dimensional parameters (biases, LayerNorm scales and shifts) and the ``g`` of the
-    weight-normalised last layer are not decayed, as in the official code.
+    One-dimensional parameters (biases, LayerNorm scales and shifts) are not decayed, as in
+    the official code. Neither is the ``g`` of the weight-normalised last layer: a departure,
+    since the official ``get_params_groups`` decays it (its ``weight_g`` is ``(K, 1)``, 2-D).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():

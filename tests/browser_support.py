@@ -393,27 +393,32 @@ def wait_new_image(panel, old_src: str, timeout_s: float = 60.0) -> str:
 
 
 def png_from_data_url(src: str):
-    """Decode a ``data:image/png;base64,...`` URL into an RGB ``(H, W, 3)`` uint8 array."""
+    """Decode a ``data:image/png;base64,...`` or ``data:image/jpeg;base64,...`` URL (the
+    notebooks show JPEG figures, see ``explore.light_figures``) into an RGB ``(H, W, 3)`` uint8 array."""
     import numpy as np
     from PIL import Image
 
-    prefix = "data:image/png;base64,"
-    if not src.startswith(prefix):
-        raise ValueError(f"expected a PNG data URL, got {src[:40]!r}...")
+    prefix = next(
+        (p for p in ("data:image/png;base64,", "data:image/jpeg;base64,") if src.startswith(p)),
+        None,
+    )
+    if prefix is None:
+        raise ValueError(f"expected a PNG or JPEG data URL, got {src[:40]!r}...")
     with Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))) as img:
         return np.asarray(img.convert("RGB"))  # (H, W, 3)
 
 
-def colour_pixels(rgb, colours, region: slice | None = None) -> list[int]:
-    """How many pixels of ``rgb`` (``(H, W, 3)`` uint8) have exactly each RGB colour in ``colours`` (0-1 floats).
+def colour_pixels(rgb, colours, region: slice | None = None, tolerance: int = 0) -> list[int]:
+    """How many pixels of ``rgb`` (``(H, W, 3)`` uint8) have each RGB colour in ``colours`` (0-1 floats).
 
     Args:
         rgb: the image.
         colours: ``(n, 3 or 4)`` floats in [0, 1] (e.g. matplotlib colours).
         region: columns to look at (default: all).
+        tolerance: largest difference per channel that still counts (0: exact; JPEG needs some).
     """
     import numpy as np
 
-    part = rgb if region is None else rgb[:, region]
-    targets = np.round(np.asarray(colours)[:, :3] * 255).astype(np.uint8)  # (n, 3)
-    return [int((part == c).all(axis=-1).sum()) for c in targets]
+    part = (rgb if region is None else rgb[:, region]).astype(np.int16)
+    targets = np.round(np.asarray(colours)[:, :3] * 255).astype(np.int16)  # (n, 3)
+    return [int((np.abs(part - c) <= tolerance).all(axis=-1).sum()) for c in targets]

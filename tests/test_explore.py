@@ -1,5 +1,6 @@
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,9 @@ from dino_nb.explore import (  # noqa: E402
     crop_explorer,
     detect_platform,
     draw_views,
+    finished_run,
     image_row,
+    light_figures,
     pick_profile,
     relative,
     runs_dir,
@@ -88,11 +91,9 @@ def test_training_config_per_profile(monkeypatch):
 
     ci = training_config(Profile("ci", "local", "cpu"), "runs/x")
     base = preset("cpu")
-    assert (
-        ci.max_steps == explore.CI_STEPS
-        and ci.eval_every == explore.CI_EVAL_EVERY
-        and ci.out == "runs/x"
-    )
+    # the whole cpu recipe, a fixed number of steps (no time budget): the same on every CPU
+    assert ci.max_steps is None and ci.minutes is None
+    assert ci.eval_every == explore.CI_EVAL_EVERY and ci.out == "runs/x"
     assert (ci.model, ci.model_kwargs, ci.data) == (base.model, base.model_kwargs, base.data)
     cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
     assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
@@ -104,7 +105,12 @@ def test_training_config_per_profile(monkeypatch):
     gpu = training_config(Profile("gpu", "local", "cuda"), "o")
     assert gpu.device == "cuda" and gpu.data == base.data
     monkeypatch.setattr("dino_nb.data.find_imagenette", lambda *a, **k: Path("x"))
-    assert training_config(Profile("gpu", "local", "cuda"), "o").data == "imagenette"
+    monkeypatch.setattr(explore, "gpu_memory_gib", lambda: 80.0)
+    big = training_config(Profile("gpu", "local", "cuda"), "o")
+    assert big.data == "imagenette" and big.model == preset("imagenette").model
+    monkeypatch.setattr(explore, "gpu_memory_gib", lambda: 14.7)  # a T4
+    small = training_config(Profile("gpu", "local", "cuda"), "o")
+    assert small.data == "imagenette" and small.model == preset("t4").model
 
 
 # ---------------------------------------------------------------- images and crops
@@ -268,3 +274,34 @@ def test_attention_explorer():
 def test_profile_env_name_constant():
     assert explore.PROFILE_ENV == "DINO_NB_PROFILE"
     assert os.environ.get("DINO_NB_PROFILE", "ci") in explore.PROFILES
+
+
+def test_light_figures_outside_and_inside_ipython():
+    light_figures()  # plain pytest: no shell, nothing to set, no error
+    with pytest.raises(ValueError):
+        light_figures(quality=100)
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        light_figures(dpi=50)
+        fig = image_row([("a", _image()), ("b", _image())])
+        data, _ = shell.display_formatter.format(fig)
+        assert "image/jpeg" in data and "image/png" not in data
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_finished_run_compares_settings_not_places(tmp_path):
+    from dino_nb.checkpoint import save_atomic
+    from dino_nb.config import preset
+
+    cfg = preset("cpu", minutes=None, out=str(tmp_path / "a"))
+    path = tmp_path / "checkpoint.pth"
+    assert not finished_run(path, cfg)
+    save_atomic({"config": cfg.to_dict(), "step": 372, "total_steps": 372}, path)
+    assert finished_run(path, cfg)
+    assert finished_run(path, replace(cfg, out="elsewhere", progress=False))
+    assert not finished_run(path, replace(cfg, seed=1))
+    save_atomic({"config": cfg.to_dict(), "step": 186, "total_steps": 372}, path)
+    assert not finished_run(path, cfg)  # stopped half-way

@@ -132,3 +132,56 @@ def test_widget_state_stripped(name):
     assert "widgets" not in nb["metadata"], (
         "run scripts/regenerate_notebooks.sh (nbstripout drops widget state)"
     )
+
+
+def test_no_url_placeholder_left_and_urls_match_pyproject():
+    import subprocess
+    import sys
+
+    root = NOTEBOOKS.parent
+    for path in [root / "README.md", *sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))]:
+        assert "<you>" not in path.read_text(encoding="utf-8"), f"placeholder left in {path.name}"
+    check = subprocess.run(
+        [sys.executable, str(root / "scripts" / "set_repo_url.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, f"run scripts/set_repo_url.py: {check.stdout}{check.stderr}"
+
+
+def test_set_repo_url_rewrites_a_fork():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "set_repo_url", NOTEBOOKS.parent / "scripts" / "set_repo_url.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "source": ["# Title\n", "\n", "text"]},
+            {"cell_type": "code", "source": ['REPO = "https://github.com/<you>/dino-nb"\n']},
+        ]
+    }
+    fork = "https://github.com/me/fork"
+    for _ in range(2):  # idempotent: the badges are replaced, not added again
+        nb = mod.rewrite_notebook(nb, "01_x.ipynb", fork)
+    title = _src(nb["cells"][0])
+    assert (
+        title.count("colab-badge.svg") == 1 and "github/me/fork/blob/main/notebooks/01_x" in title
+    )
+    assert title.startswith("# Title\n\n[![Open In Colab]") and title.endswith("\n\ntext")
+    assert _src(nb["cells"][1]) == f'REPO = "{fork}"\n'
+    readme = "`git+https://github.com/<you>/dino-nb` https://colab.research.google.com/github/<you>/dino-nb/blob/main/x"
+    out = mod.rewrite_readme(readme, [mod.PLACEHOLDER], fork)
+    assert out == f"`git+{fork}` https://colab.research.google.com/github/me/fork/blob/main/x"
+    with pytest.raises(ValueError):
+        mod.owner_name("https://gitlab.com/me/fork")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_is_light(name):
+    # figures are JPEG (explore.light_figures in the first code cell); photos as PNG made 01 2.4 MB
+    size = (NOTEBOOKS / name).stat().st_size
+    assert size <= 500_000, f"{name} is {size / 1e3:.0f} KB; keep notebooks under 500 KB"
+    assert "light_figures()" in _src(_code_cells(_load(name))[0])
