@@ -63,7 +63,19 @@ def _option_kwargs(f: dataclasses.Field) -> dict[str, Any]:
         return {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH")}
     if typing.get_origin(base) is dict:
         return {"type": _json_object, "metavar": "JSON"}
+    if base is not hint:  # optional: "none" gives None (e.g. --minutes none: no time budget)
+        return {"type": _or_none(base), "metavar": f"{f.name.upper()}|none"}
     return {"type": base, "metavar": f.name.upper()}
+
+
+def _or_none(convert: type) -> Any:
+    """An argparse type: ``none`` (any case) is ``None``, anything else goes through ``convert``."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names the type in its error message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

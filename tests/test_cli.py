@@ -157,3 +157,11 @@ def preset_of(name, **overrides):
     from dino_nb.config import preset
 
     return preset(name, **overrides)
+
+
+def test_optional_fields_take_none() -> None:
+    cfg, _ = config_from_args(["--preset", "cpu", "--minutes", "none", "--max-steps", "None"])
+    assert cfg.minutes is None and cfg.max_steps is None
+    assert config_from_args(["--preset", "cpu"])[0].minutes == 1.75
+    with pytest.raises(SystemExit):
+        config_from_args(["--preset", "cpu", "--minutes", "soon"])
