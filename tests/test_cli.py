@@ -162,6 +162,6 @@ def preset_of(name, **overrides):
 def test_optional_fields_take_none() -> None:
     cfg, _ = config_from_args(["--preset", "cpu", "--minutes", "none", "--max-steps", "None"])
     assert cfg.minutes is None and cfg.max_steps is None
-    assert config_from_args(["--preset", "cpu"])[0].minutes == 1.75
+    assert config_from_args(["--preset", "cpu-photos"])[0].minutes == 15.0
     with pytest.raises(SystemExit):
         config_from_args(["--preset", "cpu", "--minutes", "soon"])
