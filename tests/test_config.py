@@ -173,3 +173,10 @@ def test_cpu_photos_preset_pinned():
     assert cfg.global_size % cfg.model_kwargs["patch_size"] == 0
     assert cfg.local_size % cfg.model_kwargs["patch_size"] == 0
     assert cfg.warmup_epochs / cfg.epochs == pytest.approx(0.1)
+
+
+def test_presets_are_not_shared_between_runs():
+    a = preset("cpu")
+    a.model_kwargs["depth"] = 99
+    assert preset("cpu").model_kwargs["depth"] == 4
+    assert preset("cpu-photos").model_kwargs["depth"] == 4
