@@ -386,7 +386,9 @@ def _resume(run: Run, cfg: TrainConfig, out_dir: Path, result: TrainResult) -> b
     result.steps, result.best_knn = int(state["step"]), float(state.get("best_knn", 0.0))
     ckpt_io.set_rng_state(state["rng"])
     fixed = bool(state.get("schedule_fixed", True))
-    if fixed and "total_steps" in state:
+    if fixed and state["config"].get("minutes") and "total_steps" in state:
+        # a budget run continues the step count it fixed; a run without a budget follows
+        # cfg.epochs, so a longer --epochs extends it
         run.schedules = Schedules(cfg, int(state["total_steps"]), run.global_batch)
     if run.info.is_main:
         print(f"resuming from {path} at step {result.steps}", flush=True)

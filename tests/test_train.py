@@ -217,6 +217,13 @@ def test_time_budget_holds_when_the_steps_get_slower(
     assert ckpt_io.load(result.checkpoint)["step"] == result.steps
 
 
+def test_resume_with_more_epochs_extends_the_run(tiny_data: Path, tmp_path: Path) -> None:
+    """Without a budget, the schedules follow --epochs: resuming with more epochs trains on."""
+    assert train(tiny_config(tiny_data, tmp_path / "run", epochs=1)).steps == 5
+    longer = train(tiny_config(tiny_data, tmp_path / "run", epochs=2))
+    assert longer.steps == longer.total_steps == 10
+
+
 def test_resume_refuses_other_architecture(tiny_data: Path, tmp_path: Path) -> None:
     train(tiny_config(tiny_data, tmp_path / "run", max_steps=1))
     with pytest.raises(ValueError, match="out_dim"):
