@@ -74,7 +74,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         state = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         steps = max(r["step"] for r in state)
-        rates = [r["images_per_s"] for r in state if "images_per_s" in r]
+        rates = [r["images_per_s"] for r in state if "images_per_s" in r] or [
+            float("nan")
+        ]  # none logged in a tiny budget
         run([sys.executable, "-m", "dino_nb.evaluate", "--checkpoint", str(folder / "checkpoint.pth"),
              "--data", args.data, "--out", str(folder / "eval"), "--no-figures"])  # fmt: skip
         metrics = json.loads((folder / "eval" / "metrics.json").read_text())

@@ -181,5 +181,6 @@ def test_photo_curve_trains_within_a_budget_and_evaluates(tmp_path):
     ]
     assert len(rows) == 2
     minutes, _, steps, rate, knn = (c.strip() for c in rows[1].split("|")[1:6])
-    assert minutes == "0.1" and int(steps) >= 1 and float(rate) > 0 and 0 < float(knn) <= 1
+    assert minutes == "0.1" and int(steps) >= 1 and 0 < float(knn) <= 1
+    assert rate == "n/a" or float(rate) > 0  # no step logged when a busy machine fits few steps
     assert (tmp_path / "cpu-0.1min" / "eval" / "metrics.json").is_file()
