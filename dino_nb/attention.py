@@ -107,6 +107,17 @@ def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor
     return captured[0].cpu()
 
 
+def embeds_class_token(model: nn.Module) -> bool:
+    """Whether the ViT's embedding is its ``[CLS]`` token (timm's ``global_pool="token"``).
+
+    Only then is the ``[CLS]`` attention the one DINO trained; a model that averages its patch
+    tokens (``global_pool="avg"``, the ``cpu-photos`` recipe) has a ``[CLS]`` token nothing
+    reads.
+    """
+    model = unwrap_backbone(model)
+    return getattr(model, "cls_token", None) is not None and model.global_pool == "token"
+
+
 def cls_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Attention of the CLS query to each patch in the last block, one map per head.
 
@@ -123,6 +134,11 @@ def cls_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     model = unwrap_backbone(model)
     if getattr(model, "cls_token", None) is None:
         raise ValueError("the model has no class token, so there is no CLS attention to show")
+    if not embeds_class_token(model):
+        raise ValueError(
+            f"the model's embedding pools its patch tokens (global_pool={model.global_pool!r}), "
+            "not the [CLS] token: DINO never trained the [CLS] attention, so its maps mean nothing"
+        )
     attn = last_block_attention(model, images)  # (n_images, n_heads, n_tokens, n_tokens)
     n_prefix = int(getattr(model, "num_prefix_tokens", 1))
     gh, gw = patch_grid(model, images.shape[-2], images.shape[-1])

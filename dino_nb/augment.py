@@ -257,6 +257,7 @@ class MultiCropSettings:
         global_size: int = 224,
         local_size: int | None = None,
         normalize: bool = True,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         for name, rng in (
             ("global_crops_scale", global_crops_scale),
@@ -278,6 +279,11 @@ class MultiCropSettings:
         self.global_size = int(global_size)
         self.local_size = int(local_size) if local_size is not None else self.global_size
         self.normalize = normalize
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(
+                f"blur_sigma must be (low, high) with 0 < low <= high, got {tuple(blur_sigma)}"
+            )
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
 
     def __repr__(self) -> str:
         names = (
@@ -287,6 +293,7 @@ class MultiCropSettings:
             "global_size",
             "local_size",
             "normalize",
+            "blur_sigma",
         )
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in (*names, *self._repr_extra))
         return f"{type(self).__name__}({fields})"
@@ -317,6 +324,9 @@ class DataAugmentation(MultiCropSettings):
             the paper's choice with 224 global crops.
         normalize: return normalised float tensors (``True``) or uint8 tensors to be
             normalised later on the device with :func:`normalize_uint8` (``False``).
+        blur_sigma: range of the Gaussian blur's sigma in pixels of the output view. The
+            paper's (0.1, 2) is for 224-pixel crops; at small sizes scale it with the crop
+            (``TrainConfig.blur_sigma``), or a blur of sigma 2 wipes out a 48-pixel view.
 
     Examples:
         >>> aug = DataAugmentation(n_local_crops=2, global_size=64, local_size=32)
@@ -337,7 +347,7 @@ class DataAugmentation(MultiCropSettings):
         view.flipped = _bernoulli(P_FLIP)
         view.jitter = _draw_jitter() if _bernoulli(P_JITTER) else None
         view.grayscale = _bernoulli(P_GRAYSCALE)
-        view.blur_sigma = _uniform(*BLUR_SIGMA) if _bernoulli(p_blur) else None
+        view.blur_sigma = _uniform(*self.blur_sigma) if _bernoulli(p_blur) else None
         view.solarized = _bernoulli(p_solarize)
         return view
 

@@ -254,6 +254,7 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         cfg.global_size,
         cfg.local_size,
         normalize=False,  # uint8 crops; normalised on the device after the copy
+        blur_sigma=cfg.blur_sigma,
     )
     bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
     canvas = round(
@@ -306,8 +307,13 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
     amp_dtype = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed)  # the same on every rank: the teachers must start equal too
     student, teacher = student_teacher_from_config(cfg)
+    if cfg.use_bn_in_head and info.enabled and info.device.type == "cuda":
+        # batch statistics over the global batch, as the official code does (CUDA only)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(info.device), teacher.to(info.device)
-    teacher.eval()
+    teacher.eval()  # no drop-path in the teacher ...
+    teacher.new_head.train()  # ... but a BatchNorm in its head normalises by the batch, as the student's
     if info.enabled:  # from here on each rank draws its own drop-path masks
         seed_everything(cfg.seed + info.rank)
     if cfg.compile:

@@ -791,7 +791,7 @@ def _write_figures(
 ) -> None:
     """Embedding maps, neighbours, confusion matrix and attention grids as PNGs in ``out``."""
     from . import viz
-    from .attention import cls_attention_maps
+    from .attention import cls_attention_maps, embeds_class_token
     from .data import class_names
 
     classes = class_names(bundle.classes)  # type: ignore[attr-defined]  # ImageNette ids -> "tench", ...
@@ -828,7 +828,9 @@ def _write_figures(
     fig = viz.confusion_matrix_figure(val_y, votes.argmax(dim=1), classes)
     save(fig, "confusion_matrix.png")
 
-    if vit:
+    if vit and not embeds_class_token(backbone):
+        print("no attention maps: this backbone's embedding is not its [CLS] token")
+    elif vit:
         for n, q in enumerate(queries[:4]):
             image = bundle.val_plain[q][0]  # type: ignore[attr-defined]
             maps = cls_attention_maps(backbone, image[None])[0]  # (n_heads, grid_h, grid_w)

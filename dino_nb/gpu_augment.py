@@ -388,9 +388,16 @@ class GPUMultiCrop(MultiCropSettings):
         local_size: int | None = None,
         normalize: bool = True,
         out_dtype: torch.dtype = torch.float32,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         super().__init__(
-            global_crops_scale, local_crops_scale, n_local_crops, global_size, local_size, normalize
+            global_crops_scale,
+            local_crops_scale,
+            n_local_crops,
+            global_size,
+            local_size,
+            normalize,
+            blur_sigma,
         )
         self.out_dtype = out_dtype
 
@@ -407,6 +414,7 @@ class GPUMultiCrop(MultiCropSettings):
             aug.local_size,
             True,
             out_dtype,
+            aug.blur_sigma,
         )
 
     def __call__(
@@ -512,9 +520,10 @@ class GPUMultiCrop(MultiCropSettings):
         x = torch.where(grayscale.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
         blurred = rand(n) < p_blur
-        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rand(n)
+        low, high = self.blur_sigma
+        sigma = low + (high - low) * rand(n)
         sigma = torch.where(blurred, sigma, torch.full_like(sigma, float("nan")))
-        x = gaussian_blur(x, sigma)
+        x = gaussian_blur(x, sigma, high)
 
         solarized = rand(n) < p_solarize
         threshold = SOLARIZE_THRESHOLD / 255.0

@@ -22,6 +22,12 @@ class DINOHead(nn.Module):
         bottleneck_dim: width of the layer before the last one (256 in the paper).
         n_layers: number of Linear layers in the MLP, at least 1.
         norm_last_layer: freeze the norm of the last layer's weight rows at 1.
+        use_bn: a BatchNorm after each hidden Linear (the official ``use_bn_in_head``).
+            It standardises every hidden feature over the batch, so the small differences
+            between images that a freshly initialised backbone produces reach the softmax
+            at full scale instead of drowning in what all images share. The teacher must
+            then run its head in training mode (batch statistics), as the official code
+            does; :func:`dino_nb.engine.build_run` sees to that.
 
     Attributes:
         mlp: the multi-layer perceptron, ``(n_samples, in_dim) -> (n_samples, bottleneck_dim)``.
@@ -39,6 +45,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         n_layers: int = 3,
         norm_last_layer: bool = False,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -46,9 +53,12 @@ class DINOHead(nn.Module):
         if n_layers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(n_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers: list[nn.Module] = []
+            for width_in in [in_dim] + [hidden_dim] * (n_layers - 2):
+                layers.append(nn.Linear(width_in, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)

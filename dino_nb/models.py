@@ -81,6 +81,7 @@ def build_student_teacher(
     bottleneck_dim: int = 256,
     head_layers: int = 3,
     norm_last_layer: bool = False,
+    use_bn_in_head: bool = False,
     drop_path_rate: float = 0.0,
     model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -100,6 +101,7 @@ def build_student_teacher(
         bottleneck_dim: dimension before the head's last (weight-normalised) layer.
         head_layers: Linear layers in the head's MLP (the head's ``n_layers``).
         norm_last_layer: freeze the norm of the head's last layer at 1.
+        use_bn_in_head: BatchNorm in the head's hidden layers (see :class:`DINOHead`).
         drop_path_rate: stochastic depth of the student's backbone.
         model_kwargs: extra ``timm.create_model`` keywords.
 
@@ -115,10 +117,12 @@ def build_student_teacher(
 
     head_args = (dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
     student = MultiCropWrapper(
-        student_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer)
+        student_backbone,
+        DINOHead(*head_args, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
     )
     teacher = MultiCropWrapper(
-        teacher_backbone, DINOHead(*head_args, norm_last_layer=norm_last_layer)
+        teacher_backbone,
+        DINOHead(*head_args, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
     )
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
@@ -136,6 +140,7 @@ def student_teacher_from_config(cfg: TrainConfig) -> tuple[MultiCropWrapper, Mul
         bottleneck_dim=cfg.bottleneck_dim,
         head_layers=cfg.head_layers,
         norm_last_layer=cfg.norm_last_layer,
+        use_bn_in_head=cfg.use_bn_in_head,
         drop_path_rate=cfg.drop_path_rate,
         model_kwargs=cfg.model_kwargs,
     )

@@ -356,6 +356,7 @@ class MultiCropCollate:
             augmentation.global_size,
             augmentation.local_size,
             normalize=self.normalize,
+            blur_sigma=augmentation.blur_sigma,
         )
 
     def __repr__(self) -> str:

@@ -45,6 +45,7 @@ _RESUME_MUST_MATCH = (
     "bottleneck_dim",
     "head_layers",
     "norm_last_layer",
+    "use_bn_in_head",
     "batch_size",
     "seed",
 )
@@ -500,10 +501,11 @@ def export_backbone(
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     current = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}  # a field added since the run takes its default
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}"
+        f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}"
         for k in _RESUME_MUST_MATCH
-        if saved.get(k) != current[k]
+        if saved[k] != current[k]
     ]
     if diffs:
         raise ValueError(

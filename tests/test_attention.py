@@ -3,6 +3,7 @@ import torch
 
 from dino_nb.attention import (
     cls_attention_maps,
+    embeds_class_token,
     last_block_attention,
     patch_grid,
     threshold_mask,
@@ -93,6 +94,15 @@ def test_cls_maps_grid_follows_input_size_and_prefix_tokens(vit, vit_reg):
     assert maps.shape == (1, 3, 6, 5)
     assert torch.allclose(maps.flatten(-2), full[:, :, 0, 3:])
     assert (maps.sum((-2, -1)) < 1).all()
+
+
+def test_refuses_cls_maps_of_a_model_that_pools_its_patch_tokens(vit):
+    pooled = build_backbone(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="avg"
+    ).eval()
+    assert embeds_class_token(vit) and not embeds_class_token(pooled)
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        cls_attention_maps(pooled, torch.randn(1, 3, 32, 32))
 
 
 def test_rejects_non_vit():

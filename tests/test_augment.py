@@ -422,3 +422,15 @@ def test_random_decisions_do_not_depend_on_the_pixels():
             [(v.box, v.flipped, v.jitter, v.grayscale, v.blur_sigma, v.solarized) for v in views]
         )
     assert records[0] == records[1]
+
+
+def test_blur_sigma_range_is_a_setting():
+    """A 48-pixel recipe scales the paper's (0.1, 2) for 224 pixels down with the crop."""
+    a = DataAugmentation(n_local_crops=2, global_size=8, local_size=8, blur_sigma=(0.02, 0.4))
+    img = random_image(12, 12, seed=1)
+    torch.manual_seed(0)
+    sigmas = [v.blur_sigma for _ in range(300) for v in a.views(img) if v.blur_sigma is not None]
+    assert min(sigmas) >= 0.02 and max(sigmas) <= 0.4 and max(sigmas) > 0.3
+    assert "blur_sigma=(0.02, 0.4)" in repr(a)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        DataAugmentation(blur_sigma=(0.5, 0.1))

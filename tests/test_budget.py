@@ -139,3 +139,18 @@ def test_invalid_fractions_and_unstarted_clock():
         TimeBudget(1, min_fraction=0.5, max_fraction=0.1)
     with pytest.raises(RuntimeError, match="start"):
         TimeBudget(1).seconds_left()
+
+
+def test_a_slow_start_after_the_warmup_does_not_shrink_the_run():
+    """A loader that takes 10 steps to catch up (measured: 1.7 s, then 0.4 s per step) must not
+    make the run plan for 1.7-second steps: the later half of the window is the step time."""
+    clock = FakeClock()
+    budget = TimeBudget(5, clock=clock, margin=0.0)
+    budget.start()
+    for step_s in [3.0] * 3 + [1.7] * 7 + [0.4] * 40:
+        clock.t += step_s
+        budget.record_step()
+    assert budget.calibrated
+    assert budget.step_seconds == pytest.approx(0.4)
+    used = 9.0 + 7 * 1.7 + 40 * 0.4
+    assert budget.total_steps() == 50 + math.floor((300 - used) / 0.4 + 1e-9)

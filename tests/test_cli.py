@@ -24,6 +24,7 @@ def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
         "model_kwargs": {"depth": 2},
         "global_crops_scale": (0.5, 0.9),
         "local_crops_scale": (0.1, 0.3),
+        "blur_sigma": (0.05, 1.0),
         "out": "runs/x",
         "tensorboard_dir": "tb",
     }

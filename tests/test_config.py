@@ -18,6 +18,7 @@ EXPECTED_DEFAULTS = {
     "n_local_crops": 8,  # paper
     "global_crops_scale": (0.4, 1.0),  # paper
     "local_crops_scale": (0.05, 0.4),  # paper
+    "blur_sigma": (0.1, 2.0),  # paper (BYOL's), for 224-pixel crops
     "gpu_augment": False,
     "cache_pixels": False,
     "num_workers": None,
@@ -31,6 +32,7 @@ EXPECTED_DEFAULTS = {
     "bottleneck_dim": 256,
     "head_layers": 3,
     "norm_last_layer": True,  # paper (tutorial: False)
+    "use_bn_in_head": False,  # official default
     # optimisation
     "batch_size": 64,
     "epochs": 100,
@@ -127,6 +129,8 @@ def test_preset_refuses_contradictions_early():
         preset("cpu", epochs=1)
     with pytest.raises(ValueError, match="minutes must be a positive number"):
         preset("cpu", minutes=0)
+    with pytest.raises(ValueError, match="blur_sigma must be 0 < low <= high"):
+        preset("cpu", blur_sigma=(1.0, 0.5))
 
 
 def test_unknown_preset_raises():
@@ -164,11 +168,15 @@ def test_cpu_photos_preset_pinned():
         "batch_size": 32,
         "teacher_temp": 0.04,
         "warmup_teacher_temp_epochs": 0,
-        "momentum_teacher": 0.99,
-        "momentum_teacher_end": 0.99,
+        "momentum_teacher": 0.98,
+        "momentum_teacher_end": 0.98,
         "norm_last_layer": False,
+        "use_bn_in_head": True,
     }
     assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.model_kwargs["global_pool"] == "avg"
+    # the paper's blur range, scaled from its 224-pixel crops to the recipe's
+    assert cfg.blur_sigma == pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))
     assert cfg.model_kwargs["img_size"] == cfg.global_size
     assert cfg.global_size % cfg.model_kwargs["patch_size"] == 0
     assert cfg.local_size % cfg.model_kwargs["patch_size"] == 0

@@ -342,3 +342,13 @@ def test_cpu_colour_jitter_equals_each_sample_in_its_own_order():
     out = ga.color_jitter(x, jittered, factors, order)
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.equal(out[~jittered], x[~jittered])  # untouched, bit for bit
+
+
+def test_blur_sigma_range_carries_over_from_the_cpu_pipeline():
+    cpu = DataAugmentation(n_local_crops=2, global_size=16, local_size=8, blur_sigma=(0.05, 0.5))
+    gpu = GPUMultiCrop.from_augmentation(cpu)
+    assert gpu.blur_sigma == (0.05, 0.5)
+    _, params = gpu.views(as_batch(smooth_image(24), 200), torch.Generator().manual_seed(0))
+    sigma = torch.cat([p.blur_sigma for p in params])
+    sigma = sigma[torch.isfinite(sigma)]
+    assert sigma.min() >= 0.05 and sigma.max() <= 0.5 and sigma.max() > 0.4

@@ -106,3 +106,35 @@ def test_without_norm_last_layer_g_is_trained():
     assert head.weight_g.grad is not None
     assert not torch.allclose(head.weight_g, g0)
     torch.testing.assert_close(row_norms(head), head.weight_g.detach().squeeze(1))
+
+
+def test_batchnorm_after_each_hidden_linear_as_the_official_head():
+    head = Head(16, 10, hidden_dim=32, bottleneck_dim=8, n_layers=3, use_bn=True)
+    kinds = [type(m) for m in head.mlp]
+    assert kinds == [
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.GELU,
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.GELU,
+        nn.Linear,
+    ]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in Head(16, 10, n_layers=3).mlp.modules())
+
+
+def test_batchnorm_lets_small_differences_between_images_reach_the_prototypes():
+    """Embeddings that share a large common part (a fresh backbone's) give near-equal outputs,
+    unless the head standardises each feature over the batch."""
+    torch.manual_seed(0)
+    common = torch.randn(1, 64) * 10
+    x = common + 0.01 * torch.randn(32, 64)  # (32, 64): 32 images, nearly the same embedding
+
+    def spread(head: nn.Module) -> float:
+        head.train()
+        logits = head(x)  # (32, K)
+        return (logits - logits.mean(0)).std().item()  # how much the images differ
+
+    plain = spread(Head(64, 128, hidden_dim=64, bottleneck_dim=32))
+    with_bn = spread(Head(64, 128, hidden_dim=64, bottleneck_dim=32, use_bn=True))
+    assert with_bn > 20 * plain

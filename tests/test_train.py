@@ -296,9 +296,10 @@ def test_best_model_is_the_best_evaluation_after_step_0(tiny_data: Path, tmp_pat
     assert isinstance(state["teacher"], dict) and result.best_knn == pytest.approx(best_knn)
 
 
-def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_bn_in_head", [False, True])
+def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path, use_bn_in_head) -> None:
     """Three calls of the shipped train_step equal three steps of train(), bit for bit."""
-    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=3)
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=3, use_bn_in_head=use_bn_in_head)
     state = ckpt_io.load(train(cfg).checkpoint)
 
     seed_everything(cfg.seed)
@@ -313,6 +314,22 @@ def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path) -> None:
         for key, value in module.state_dict().items():
             assert torch.equal(value, state[which][key]), f"{which} {key}"
     assert torch.equal(run.loss.center, state["loss"]["center"])
+
+
+def test_teacher_head_batchnorm_uses_batch_statistics(tiny_data: Path, tmp_path: Path) -> None:
+    """As in the official code, the teacher's head BatchNorm normalises by the batch (its
+    running statistics move); its backbone stays in eval mode (no drop-path)."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", use_bn_in_head=True)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    data = build_training_data(cfg, info)
+    run = build_run(cfg, info, data.steps_per_epoch)
+    bn = [m for m in run.teacher.new_head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bn) == cfg.head_layers - 1 and all(m.training for m in bn)
+    assert not run.teacher.backbone.training
+    before = bn[0].running_mean.clone()
+    _, images = next(data.batches(0))
+    train_step(run, data.crops(images, 0, run.device, cfg.seed), run.schedules[0])
+    assert not torch.equal(bn[0].running_mean, before)
 
 
 @pytest.mark.parametrize(
