@@ -534,3 +534,19 @@ def test_unlabelled_nested_folder_trains_scores_views_and_resumes(
     second = train(tiny_config(photos, tmp_path / "run", max_steps=4, cache_pixels=True))
     assert second.steps == 4 and [s for s, _ in second.knn_history] == [4]
     assert ckpt_io.load(second.checkpoint)["step"] == 4
+
+
+def test_time_steps_counts_the_steps_after_the_warmup(tiny_data: Path, tmp_path: Path) -> None:
+    """Each iteration reads the clock twice; the warm-up's (slow) iterations are left out."""
+    from dino_nb.engine import time_steps
+
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    readings = iter([0.0, 9.0, 10.0, 19.0] + [t for i in range(3) for t in (20.0 + i, 20.5 + i)])
+    timing = time_steps(cfg, steps=3, warmup=2, clock=lambda: next(readings))
+    assert timing.seconds == pytest.approx(0.5)
+    steps_per_epoch = build_training_data(cfg).steps_per_epoch
+    assert timing.steps_per_epoch == steps_per_epoch
+    assert timing.epoch_seconds == pytest.approx(0.5 * steps_per_epoch)
+    assert not (tmp_path / "run").exists()  # a throwaway run: nothing written
+    with pytest.raises(ValueError, match="steps >= 1"):
+        time_steps(cfg, steps=0)
