@@ -30,7 +30,7 @@ from torchvision.transforms import functional as TF
 
 from .attention import threshold_mask, upsample
 from .augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
-from .config import TrainConfig, preset
+from .config import PRESETS, TrainConfig, preset
 from .distributed import pick_device
 from .viz import class_colors, new_figure, to_hwc, view_labels
 
@@ -191,7 +191,9 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     * ``ci``: the whole ``cpu`` recipe (372 steps, about 90 s on an idle 2-core machine) with a
       fixed step count instead of the preset's time budget, evaluated every
       :data:`CI_EVAL_EVERY` steps: long enough to learn, and its printed numbers repeat exactly.
-    * ``cpu``: the ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
+    * ``cpu``: with ImageNette found, the ``cpu-photos`` recipe (15 minutes) with the
+      ``[CLS]`` token as the embedding, so that attention maps mean something; else the
+      ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
     * ``gpu``: with ImageNette found, the ``imagenette`` preset (ViT-S/16, the paper's crops),
       or the ``t4`` preset (ViT-Ti/16) on a card of at most :data:`SMALL_GPU_GIB` GiB (a Colab or
       Kaggle T4, a P100); without ImageNette, the ``cpu`` preset on the GPU.
@@ -206,7 +208,15 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         values: dict[str, Any] = {"eval_every": CI_EVAL_EVERY, "minutes": None}
         name = "cpu"
     elif profile.name == "cpu":
+        from .data import imagenette_available
+
         values, name = {}, "cpu"
+        if imagenette_available():
+            # the photo recipe, but with the [CLS] token as the embedding (about 2 points of
+            # kNN less): notebook 05's attention maps are the [CLS] token's
+            name = "cpu-photos"
+            kwargs = {**PRESETS["cpu-photos"]["model_kwargs"], "global_pool": "token"}
+            values = {"model_kwargs": kwargs}
     else:
         from .data import imagenette_available
 

@@ -95,16 +95,23 @@ def test_training_config_per_profile(monkeypatch):
     assert ci.max_steps is None and ci.minutes is None
     assert ci.eval_every == explore.CI_EVAL_EVERY and ci.out == "runs/x"
     assert (ci.model, ci.model_kwargs, ci.data) == (base.model, base.model_kwargs, base.data)
-    cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
-    assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
 
     def missing(*a, **k):
         raise FileNotFoundError("no")
 
     monkeypatch.setattr("dino_nb.data.find_imagenette", missing)
+    cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
+    assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
+    assert cpu.data == base.data
     gpu = training_config(Profile("gpu", "local", "cuda"), "o")
     assert gpu.device == "cuda" and gpu.data == base.data
     monkeypatch.setattr("dino_nb.data.find_imagenette", lambda *a, **k: Path("x"))
+    photos = training_config(Profile("cpu", "local", "cpu"), "o")
+    recipe = preset("cpu-photos")
+    assert photos.data == "imagenette" and photos.use_bn_in_head and photos.minutes == 15
+    # the photo recipe, except for the embedding: the [CLS] token, whose attention notebook 05 shows
+    assert photos.model_kwargs == {**recipe.model_kwargs, "global_pool": "token"}
+    assert recipe.model_kwargs["global_pool"] == "avg"
     monkeypatch.setattr(explore, "gpu_memory_gib", lambda: 80.0)
     big = training_config(Profile("gpu", "local", "cuda"), "o")
     assert big.data == "imagenette" and big.model == preset("imagenette").model
