@@ -13,7 +13,8 @@ class DINOHead(nn.Module):
     ``x -> MLP -> L2-normalise -> weight-normalised Linear (no bias) -> logits``. The last
     layer is reparametrised as ``weight = g * v / ||v||`` (weight normalisation, one ``g``
     per output unit). With ``norm_last_layer`` the magnitudes ``g`` are fixed to 1 and
-    frozen, which the paper found to stabilise training of ViT-S.
+    frozen; the official code's help says leaving them free performs better but can make
+    training unstable, and that its runs use ``False`` for ViT-S and ``True`` for ViT-B.
 
     Args:
         in_dim: dimension of the backbone embedding.
