@@ -203,27 +203,21 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         out: the run folder.
         **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
     """
+    from .data import imagenette_available
+
+    values: dict[str, Any]
     if profile.name == "ci":
         # a fixed step count, not the preset's time budget: the outputs must repeat on any CPU
-        values: dict[str, Any] = {"eval_every": CI_EVAL_EVERY, "minutes": None}
-        name = "cpu"
+        values, name = {"eval_every": CI_EVAL_EVERY, "minutes": None}, "cpu"
+    elif not imagenette_available():
+        values, name = ({"device": "cuda"} if profile.name == "gpu" else {}), "cpu"
     elif profile.name == "cpu":
-        from .data import imagenette_available
-
-        values, name = {}, "cpu"
-        if imagenette_available():
-            # the photo recipe, but with the [CLS] token as the embedding (about 2 points of
-            # kNN less): notebook 05's attention maps are the [CLS] token's
-            name = "cpu-photos"
-            kwargs = {**PRESETS["cpu-photos"]["model_kwargs"], "global_pool": "token"}
-            values = {"model_kwargs": kwargs}
+        # the photo recipe, but with the [CLS] token as the embedding (about 2 points of kNN
+        # less): notebook 05's attention maps are the [CLS] token's
+        kwargs = {**PRESETS["cpu-photos"]["model_kwargs"], "global_pool": "token"}
+        values, name = {"model_kwargs": kwargs}, "cpu-photos"
     else:
-        from .data import imagenette_available
-
-        if not imagenette_available():
-            values, name = {"device": "cuda"}, "cpu"
-        else:
-            values, name = {}, "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
+        values, name = {}, "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
     return preset(name, **{**values, "out": str(out), **overrides})
 
 
