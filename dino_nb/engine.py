@@ -258,9 +258,9 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         blur_sigma=cfg.blur_sigma,
     )
     bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
-    canvas = round(
+    canvas = cfg.canvas_size or round(
         cfg.global_size * 256 / 224
-    )  # crops are cut from a square canvas, as evaluation's resize
+    )  # crops are cut from a square canvas (by default as large as evaluation's resize)
     gpu_aug, collate = None, collate_crops
     if (
         cfg.cache_pixels
@@ -333,7 +333,11 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
         student_module=student,
         teacher=teacher,
         loss=DINOLoss(
-            cfg.out_dim, cfg.warmup_teacher_temp, cfg.student_temp, cfg.center_momentum
+            cfg.out_dim,
+            cfg.warmup_teacher_temp,
+            cfg.student_temp,
+            cfg.center_momentum,
+            centering=cfg.teacher_centering,
         ).to(info.device),
         optimizer=torch.optim.AdamW(param_groups(student)),  # lr and wd are set every step
         scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),

@@ -9,6 +9,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+#: How the teacher's output is kept from collapsing onto one prototype.
+CENTERINGS = ("center", "sinkhorn")
+
 
 class DINOLoss(nn.Module):
     r"""Self-distillation loss with centering and sharpening (DINO, Eq. 1-4).
@@ -33,6 +36,10 @@ class DINOLoss(nn.Module):
         student_temp: student temperature :math:`\tau_s`.
         center_momentum: EMA rate ``m`` of the center, ``c <- m c + (1 - m) mean(g_t)``.
             ``1.0`` keeps the center at zero, which turns centering off.
+        centering: ``"center"`` (the paper's EMA center above) or ``"sinkhorn"``: the
+            teacher's targets are balanced over the batch by Sinkhorn-Knopp instead (DINOv2,
+            after SwAV), see :func:`sinkhorn_knopp`; the center is then not used.
+        sinkhorn_iters: Sinkhorn-Knopp iterations (DINOv2: 3).
 
     Attributes:
         center: buffer of shape ``(1, out_dim)``; a buffer so that it moves with ``.to()``
@@ -47,6 +54,8 @@ class DINOLoss(nn.Module):
         teacher_temp: float = 0.04,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
     ) -> None:
         super().__init__()
         if teacher_temp <= 0 or student_temp <= 0:
@@ -55,13 +64,22 @@ class DINOLoss(nn.Module):
             )
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_probs(self, teacher_output: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Centred, sharpened teacher softmax per view, each ``(n_samples, out_dim)``, no grad."""
+        """Centred (or balanced), sharpened teacher targets per view, each ``(n_samples, out_dim)``, no grad."""
+        if self.centering == "sinkhorn":  # all views together: one balanced assignment
+            logits = torch.cat([t.detach().float() for t in teacher_output])  # (V * n, K)
+            probs = sinkhorn_knopp(logits / self.teacher_temp, self.sinkhorn_iters)
+            return list(probs.chunk(len(teacher_output)))
         return [
             F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1)
             for t in teacher_output
@@ -98,7 +116,8 @@ class DINOLoss(nn.Module):
                     continue  # same view: nothing to predict
                 total = total + torch.sum(-t * s, dim=-1).mean()
                 n_terms += 1
-        self.update_center(teacher_output)
+        if self.centering == "center":
+            self.update_center(teacher_output)
         return total / n_terms
 
     @torch.no_grad()
@@ -112,6 +131,46 @@ class DINOLoss(nn.Module):
             count *= dist.get_world_size()
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    r"""Soft assignments of samples to prototypes with equal prototype mass (Sinkhorn-Knopp).
+
+    Starting from :math:`Q = \exp(\text{scores})^\top` (``K x B``), alternately rescales the
+    rows so that every prototype gets a total mass of ``1 / K`` and the columns so that every
+    sample gets ``1 / B`` (Cuturi 2013; SwAV and DINOv2 use it for their targets). A prototype
+    that every sample favours is divided out in every batch (what the EMA center learns over
+    many steps), and no prototype can take the whole batch. The sums run
+    over all ranks when ``torch.distributed`` is initialised, so the batch is the global batch.
+
+    Args:
+        scores: ``(B, K)`` logits already divided by the temperature.
+        iters: rescaling rounds (each one rows then columns).
+
+    Returns:
+        ``(B, K)`` targets: each row is a distribution over the ``K`` prototypes.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    peak = scores.max()
+    if distributed:  # the same shift on every rank (any shift cancels; this avoids overflow)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    q = torch.exp(scores.float() - peak).t()  # (K, B)
+    n_prototypes, n_samples = q.shape
+    n_samples *= dist.get_world_size() if distributed else 1
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        if distributed:
+            dist.all_reduce(x)
+        return x
+
+    q /= total(q.sum())
+    for _ in range(iters):
+        q /= total(q.sum(dim=1, keepdim=True)).clamp_min(1e-30)  # rows: each prototype 1/K
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30)  # columns (local): each sample 1/B
+        q /= n_samples
+    return (q * n_samples).t()  # (B, K): rows sum to 1
 
 
 #: The tutorial's name for :class:`DINOLoss`.

@@ -25,6 +25,8 @@ def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
         "global_crops_scale": (0.5, 0.9),
         "local_crops_scale": (0.1, 0.3),
         "blur_sigma": (0.05, 1.0),
+        "teacher_centering": "sinkhorn",
+        "canvas_size": 300,
         "out": "runs/x",
         "tensorboard_dir": "tb",
     }

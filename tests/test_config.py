@@ -2,10 +2,11 @@
 
 import dataclasses
 import json
+import typing
 
 import pytest
 
-from dino_nb.config import PRESETS, TrainConfig, preset
+from dino_nb.config import PRESETS, Centering, TrainConfig, preset
 
 # Changing a default is a decision: update this table in the same commit, with the reason
 # in the field's comment in dino_nb/config.py.
@@ -21,6 +22,7 @@ EXPECTED_DEFAULTS = {
     "blur_sigma": (0.1, 2.0),  # paper (BYOL's), for 224-pixel crops
     "gpu_augment": False,
     "cache_pixels": False,
+    "canvas_size": None,  # global size x 256/224
     "num_workers": None,
     # model
     "model": "vit_small_patch16_224",  # paper's ViT-S/16
@@ -50,6 +52,7 @@ EXPECTED_DEFAULTS = {
     "warmup_teacher_temp_epochs": 30,
     "student_temp": 0.1,
     "center_momentum": 0.9,
+    "teacher_centering": "center",  # paper (DINOv2: Sinkhorn-Knopp)
     "clip_grad": 3.0,  # paper (tutorial: 2.0)
     "freeze_last_layer": 1,
     "precision": "auto",
@@ -131,6 +134,18 @@ def test_preset_refuses_contradictions_early():
         preset("cpu", minutes=0)
     with pytest.raises(ValueError, match="blur_sigma must be 0 < low <= high"):
         preset("cpu", blur_sigma=(1.0, 0.5))
+    with pytest.raises(
+        ValueError, match=r"teacher_centering must be one of \('center', 'sinkhorn'\)"
+    ):
+        preset("cpu", teacher_centering="softmax")
+    with pytest.raises(ValueError, match=r"canvas_size \(40\) must be at least global_size \(48\)"):
+        preset("cpu", canvas_size=40)
+
+
+def test_centering_choices_match_the_loss():
+    from dino_nb.loss import CENTERINGS
+
+    assert typing.get_args(Centering) == CENTERINGS
 
 
 def test_unknown_preset_raises():
@@ -175,6 +190,7 @@ def test_cpu_photos_preset_pinned():
     }
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert cfg.model_kwargs["global_pool"] == "avg"
+    assert cfg.model_kwargs["depth"] == 3 and cfg.model_kwargs["embed_dim"] == 128
     # the paper's blur range, scaled from its 224-pixel crops to the recipe's
     assert cfg.blur_sigma == pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))
     assert cfg.model_kwargs["img_size"] == cfg.global_size
@@ -187,4 +203,4 @@ def test_presets_are_not_shared_between_runs():
     a = preset("cpu")
     a.model_kwargs["depth"] = 99
     assert preset("cpu").model_kwargs["depth"] == 4
-    assert preset("cpu-photos").model_kwargs["depth"] == 4
+    assert preset("cpu-photos").model_kwargs["depth"] == 3

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dino_nb.loss import Loss
+from dino_nb.loss import Loss, sinkhorn_knopp
 
 OUT = 5
 
@@ -161,3 +161,89 @@ def test_too_few_views_raise():
     s, t = outputs(n_student=2, n_teacher=0)
     with pytest.raises(ValueError):
         Loss(OUT)(s, [])
+
+
+# --- Sinkhorn-Knopp targets (centering="sinkhorn") ------------------------------------------
+
+
+def hand_sinkhorn(scores, iters):
+    """Plain-Python Sinkhorn-Knopp on a list of rows (samples) of scores (prototypes)."""
+    n, k = len(scores), len(scores[0])
+    q = [[math.exp(scores[b][j]) for b in range(n)] for j in range(k)]  # (K, B)
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iters):
+        q = [[v / sum(row) / k for v in row] for row in q]  # each prototype 1/K
+        cols = [sum(q[j][b] for j in range(k)) for b in range(n)]
+        q = [[q[j][b] / cols[b] / n for b in range(n)] for j in range(k)]  # each sample 1/B
+    return [[q[j][b] * n for j in range(k)] for b in range(n)]  # (B, K)
+
+
+def test_sinkhorn_equals_hand_computation():
+    scores = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * 3
+    for iters in (1, 3):
+        got = sinkhorn_knopp(scores, iters)
+        assert torch.allclose(got, torch.tensor(hand_sinkhorn(scores.tolist(), iters)), atol=1e-6)
+        assert torch.allclose(got.sum(dim=1), torch.ones(6), atol=1e-6)  # a distribution per sample
+
+
+def test_sinkhorn_balances_prototypes_and_ignores_shared_offsets():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(64, 16, generator=g) * 2
+    q = sinkhorn_knopp(scores, iters=20)
+    assert torch.allclose(q.sum(dim=0), torch.full((16,), 64 / 16), rtol=1e-3)  # equal mass
+    # a score that every sample shares (one prototype favoured for all) is divided out at once:
+    # what the EMA center has to learn over many steps, the balancing does in every batch
+    favoured = scores + torch.randn(1, 16, generator=g) * 10
+    assert torch.allclose(sinkhorn_knopp(favoured, 3), sinkhorn_knopp(scores, 3), atol=1e-6)
+    assert not torch.allclose(torch.softmax(favoured, -1), torch.softmax(scores, -1), atol=0.1)
+    # samples that all score alike get the same, uniform target
+    same = sinkhorn_knopp(torch.randn(1, 16, generator=g).expand(8, 16), iters=3)
+    assert torch.allclose(same, torch.full((8, 16), 1 / 16), atol=1e-6)
+
+
+def test_sinkhorn_targets_in_the_loss_leave_the_center_alone():
+    g = torch.Generator().manual_seed(2)
+    teacher = [torch.randn(8, OUT, generator=g) for _ in range(2)]
+    student = [torch.randn(8, OUT, generator=g) for _ in range(3)]
+    loss = Loss(OUT, teacher_temp=0.5, student_temp=0.3, centering="sinkhorn")
+    targets = loss.teacher_probs(teacher)
+    expected = sinkhorn_knopp(torch.cat(teacher) / 0.5, 3)  # both views balanced together
+    assert torch.allclose(torch.cat(targets), expected)
+    value = loss(student, teacher)
+    logp = [torch.log_softmax(s / 0.3, dim=-1) for s in student]
+    pairs = [(t, s) for t in range(2) for s in range(3) if t != s]
+    by_hand = sum(-(targets[t] * logp[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+    assert torch.allclose(value, by_hand)
+    assert torch.equal(loss.center, torch.zeros(1, OUT))  # not used, not moved
+    with pytest.raises(ValueError, match="centering must be one of"):
+        Loss(OUT, centering="softmax")
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        Loss(OUT, centering="sinkhorn", sinkhorn_iters=0)
+
+
+def _sinkhorn_on_rank(rank: int, port: int, scores: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        half = scores.chunk(2)[rank]  # this rank's samples
+        torch.save(sinkhorn_knopp(half, iters=3), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sinkhorn_over_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    """The prototype sums are all-reduced: 2 ranks x 6 samples give 1 rank x 12's targets."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    scores = torch.randn(12, 7, generator=torch.Generator().manual_seed(3)) * 4
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sinkhorn_on_rank, args=(port, scores, str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.allclose(torch.cat(parts), sinkhorn_knopp(scores, iters=3), atol=1e-6)

@@ -512,6 +512,26 @@ def test_pixel_cache_path_trains_reproducibly(tiny_data: Path, tmp_path: Path) -
     assert all(math.isfinite(x) for x in losses(tmp_path / "a"))
 
 
+def test_sinkhorn_centering_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """--teacher-centering sinkhorn: finite losses, a different run, and the center never used."""
+    train(tiny_config(tiny_data, tmp_path / "a", teacher_centering="sinkhorn", max_steps=3))
+    train(tiny_config(tiny_data, tmp_path / "b", max_steps=3))
+    assert all(math.isfinite(x) for x in losses(tmp_path / "a"))
+    assert losses(tmp_path / "a") != losses(tmp_path / "b")
+    state = ckpt_io.load(tmp_path / "a" / "checkpoint.pth")
+    assert not state["loss"]["center"].any()
+
+
+def test_canvas_size_sets_the_cached_canvas(tiny_data: Path, tmp_path: Path) -> None:
+    """--canvas-size: crops are cut from a larger canvas than evaluation's resize (37 px here)."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", cache_pixels=True, canvas_size=64)
+    data = build_training_data(cfg)
+    assert data.loader.dataset.dataset.canvas == 64
+    assert [p.name.split("-")[1] for p in tiny_data.glob(".dino_nb_cache/train-*.npy")] == ["64px"]
+    crops, _ = next(iter(data.loader))
+    assert [tuple(c.shape[-2:]) for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 2
+
+
 def test_unlabelled_nested_folder_trains_scores_views_and_resumes(
     tiny_data: Path, tmp_path: Path
 ) -> None:
