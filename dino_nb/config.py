@@ -88,7 +88,7 @@ class TrainConfig:
     )
     canvas_size: int | None = _field(
         None,
-        "side of the square canvas each photo is shrunk to before --cache-pixels / --gpu-augment "
+        "side of the square canvas each photo is resized to before --cache-pixels / --gpu-augment "
         "cut crops from it (default: global size x 256/224, evaluation's resize)",
         "data",
     )
