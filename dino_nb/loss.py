@@ -138,11 +138,11 @@ def sinkhorn_knopp(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
     r"""Soft assignments of samples to prototypes with equal prototype mass (Sinkhorn-Knopp).
 
     Starting from :math:`Q = \exp(\text{scores})^\top` (``K x B``), alternately rescales the
-    rows so that every prototype gets a total mass of ``1 / K`` and the columns so that every
-    sample gets ``1 / B`` (Cuturi 2013; SwAV and DINOv2 use it for their targets). A prototype
-    that every sample favours is divided out in every batch (what the EMA center learns over
-    many steps), and no prototype can take the whole batch. The sums run
-    over all ranks when ``torch.distributed`` is initialised, so the batch is the global batch.
+    rows so that every prototype gets the same total mass and the columns so that every sample
+    gets the same (Cuturi 2013; SwAV and DINOv2 use it for their targets). A prototype that
+    every sample favours is divided out in every batch (what the EMA center learns over many
+    steps), and no prototype can take the whole batch. The row sums run over all ranks when
+    ``torch.distributed`` is initialised, so the batch is the global batch.
 
     Args:
         scores: ``(B, K)`` logits already divided by the temperature.
@@ -156,21 +156,15 @@ def sinkhorn_knopp(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
     if distributed:  # the same shift on every rank (any shift cancels; this avoids overflow)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     q = torch.exp(scores.float() - peak).t()  # (K, B)
-    n_prototypes, n_samples = q.shape
-    n_samples *= dist.get_world_size() if distributed else 1
-
-    def total(x: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            dist.all_reduce(x)
-        return x
-
-    q /= total(q.sum())
+    # Every constant factor (the 1/K and 1/B targets, a global normalisation) cancels in the
+    # next rescaling, so each round only divides by the current sums.
     for _ in range(iters):
-        q /= total(q.sum(dim=1, keepdim=True)).clamp_min(1e-30)  # rows: each prototype 1/K
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30)  # columns (local): each sample 1/B
-        q /= n_samples
-    return (q * n_samples).t()  # (B, K): rows sum to 1
+        rows = q.sum(dim=1, keepdim=True)  # (K, 1): each prototype's mass
+        if distributed:
+            dist.all_reduce(rows)
+        q /= rows.clamp_min(1e-30)
+        q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30)  # columns (local): each sample's mass
+    return q.t()  # (B, K): rows sum to 1
 
 
 #: The tutorial's name for :class:`DINOLoss`.
