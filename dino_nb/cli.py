@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", *PRESETS],
         help="starting configuration (default auto: 'imagenette' on a GPU with ImageNette, "
-        "'cpu-photos' on a CPU with photos, else 'cpu'); see PRESETS in dino_nb/config.py",
+        "'cpu-photos' on a CPU with photos, else 'cpu-quick'); see PRESETS in dino_nb/config.py",
     )
     p.add_argument(
         "--config", help="JSON file of TrainConfig fields, applied over the preset (options win)"
@@ -125,17 +125,17 @@ def _auto_preset(args: argparse.Namespace) -> str:
     """The preset ``--preset auto`` picks.
 
     * no ``--data`` (the main job): ``imagenette`` on a GPU when ImageNette is found, else
-      ``cpu`` (the built-in shapes);
+      ``cpu-quick`` (the built-in shapes in a 2-minute budget);
     * ``--data`` naming photos (``imagenette`` or a folder): ``imagenette`` on a GPU,
       ``cpu-photos`` on a CPU;
-    * ``--data builtin``: ``cpu``.
+    * ``--data builtin``: ``cpu-quick``.
     """
     data = getattr(args, "data", None)
     on_gpu = torch.cuda.is_available() and getattr(args, "device", "auto") != "cpu"
     if data == "builtin":
-        return "cpu"
+        return "cpu-quick"
     if data is None:
-        return "imagenette" if on_gpu and imagenette_available() else "cpu"
+        return "imagenette" if on_gpu and imagenette_available() else "cpu-quick"
     return "imagenette" if on_gpu else "cpu-photos"
 
 

@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .data import DatasetBundle, build_datasets, collate_crops, make_loader
 from .distributed import DistInfo, pick_device, resolve_precision
 from .gpu_augment import DecodeResize, GPUMultiCrop
+from .koleo import koleo_loss
 from .loss import DINOLoss
 from .models import student_teacher_from_config
 from .multicrop import MultiCropWrapper
@@ -46,8 +47,8 @@ class StepOutput:
 
     Attributes:
         loss: the DINO loss of the batch, a 0-dim tensor.
-        signals: collapse signals (``teacher_entropy``, ``batch_entropy``, ``kl``) as 0-dim
-            tensors, when the step was asked for them.
+        signals: collapse signals (``teacher_entropy``, ``batch_entropy``, ``kl``, and
+            ``koleo`` when the run uses it) as 0-dim tensors, when the step was asked for them.
     """
 
     loss: torch.Tensor
@@ -179,6 +180,10 @@ def train_step(
 ) -> StepOutput:
     """One DINO iteration on one batch of crops; nothing here waits for the device.
 
+    The returned loss is the DINO loss alone (what the collapse warnings compare with
+    ``log K``); with ``cfg.koleo_weight`` the step descends that loss plus the weighted KoLeo
+    term of the student's two global views.
+
     Args:
         run: the run state (models, loss, optimizer, scaler).
         crops: ``[global 1, global 2, local 1, ...]``, each ``(B, 3, s, s)`` normalised, on the device.
@@ -189,16 +194,24 @@ def train_step(
         group["lr"] = values.lr
         group["weight_decay"] = values.weight_decay if i == 0 else 0.0
     run.loss.teacher_temp = values.teacher_temp
+    koleo_weight = run.cfg.koleo_weight
     with run.autocast():
         teacher_out = run.teacher(crops[:2])  # 2 x (B, K): the teacher sees only the global crops
-        student_out = run.student(crops)  # n_crops x (B, K)
-        targets = (
-            run.loss.teacher_probs(teacher_out) if signals else None
-        )  # before the center moves
-        loss = run.loss(student_out, teacher_out)  # also moves the center
-    found = collapse_signals(targets, loss) if targets is not None else {}
+        if koleo_weight:
+            student_out, embeddings = run.student(crops, return_embeddings=True)
+        else:
+            student_out = run.student(crops)  # n_crops x (B, K)
+        targets = run.loss.teacher_probs(teacher_out)  # 2 x (B, K), before the center moves
+        loss = run.loss(student_out, teacher_out, targets)  # also moves the center
+        objective = loss
+        if koleo_weight:  # spread each global view's embeddings (B, D) over the batch
+            koleo = sum(koleo_loss(e) for e in embeddings[:2])
+            objective = loss + koleo_weight * koleo
+    found = collapse_signals(targets, loss) if signals else {}
+    if signals and koleo_weight:
+        found["koleo"] = koleo.detach()
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    run.scaler.scale(objective).backward()
     if run.cfg.clip_grad > 0:
         run.scaler.unscale_(run.optimizer)
         clip_gradients(run.student_module, run.cfg.clip_grad)

@@ -86,7 +86,10 @@ class DINOLoss(nn.Module):
         ]
 
     def forward(
-        self, student_output: Sequence[torch.Tensor], teacher_output: Sequence[torch.Tensor]
+        self,
+        student_output: Sequence[torch.Tensor],
+        teacher_output: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Evaluate the loss and update the center.
 
@@ -95,6 +98,9 @@ class DINOLoss(nn.Module):
                 the first ones are the global crops, in the teacher's order.
             teacher_output: logits of the teacher on the global crops, each
                 ``(n_samples, out_dim)``.
+            targets: :meth:`teacher_probs` of ``teacher_output``, when the caller already
+                computed them (the training step does, for its collapse signals); they must
+                be taken before this call moves the center.
 
         Returns:
             scalar loss (float32, whatever the logits' dtype).
@@ -106,7 +112,12 @@ class DINOLoss(nn.Module):
         student_logp = [
             F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_output
         ]
-        teacher_p = self.teacher_probs(teacher_output)
+        teacher_p = self.teacher_probs(teacher_output) if targets is None else targets
+        if len(teacher_p) != len(teacher_output):
+            raise ValueError(
+                f"{len(teacher_p)} targets for {len(teacher_output)} teacher views; "
+                "pass teacher_probs(teacher_output)"
+            )
 
         total = student_logp[0].new_zeros(())
         n_terms = 0

@@ -45,15 +45,21 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.new_head = new_head
 
-    def forward(self, x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x: Sequence[torch.Tensor] | torch.Tensor, return_embeddings: bool = False
+    ) -> tuple[torch.Tensor, ...] | tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Run every crop through backbone and head.
 
         Args:
             x: list of ``n_crops`` tensors, each ``(n_samples, 3, size_i, size_i)``; a single
                 tensor counts as one crop.
+            return_embeddings: also return the backbone's embeddings (what the head reads;
+                the KoLeo regulariser spreads them).
 
         Returns:
-            tuple of ``n_crops`` tensors, each ``(n_samples, out_dim)``.
+            tuple of ``n_crops`` tensors, each ``(n_samples, out_dim)``; with
+            ``return_embeddings``, ``(logits, embeddings)``, the embeddings ``n_crops`` tensors
+            of ``(n_samples, embed_dim)``.
         """
         if isinstance(x, torch.Tensor):
             x = [x]
@@ -66,5 +72,8 @@ class MultiCropWrapper(nn.Module):
             self.backbone(torch.cat(list(x[start:end]), dim=0))  # (n_samples * group_size, in_dim)
             for start, end in resolution_groups(x)
         ]
-        logits = self.new_head(torch.cat(embeddings, dim=0))  # (n_samples * n_crops, out_dim)
+        features = torch.cat(embeddings, dim=0)  # (n_samples * n_crops, embed_dim)
+        logits = self.new_head(features)  # (n_samples * n_crops, out_dim)
+        if return_embeddings:
+            return logits.chunk(len(x)), features.chunk(len(x))
         return logits.chunk(len(x))  # n_crops x (n_samples, out_dim)

@@ -26,6 +26,7 @@ def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
         "local_crops_scale": (0.1, 0.3),
         "blur_sigma": (0.05, 1.0),
         "teacher_centering": "sinkhorn",
+        "koleo_weight": 0.1,
         "canvas_size": 300,
         "out": "runs/x",
         "tensorboard_dir": "tb",
@@ -142,7 +143,7 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
     assert config_from_args([])[0].data == "builtin"  # the main job stays on the built-in shapes
     cfg, _ = config_from_args(["--data", str(tmp_path)])
     assert cfg.data == str(tmp_path) and cfg == preset_of("cpu-photos", data=str(tmp_path))
-    assert config_from_args(["--data", "builtin"])[0] == preset_of("cpu")
+    assert config_from_args(["--data", "builtin"])[0] == preset_of("cpu-quick")
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
     assert config_from_args([])[0] == preset_of("imagenette")
     assert config_from_args(["--data", str(tmp_path)])[0] == preset_of(
@@ -153,7 +154,10 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
         == preset_of("cpu-photos").model
     )
     monkeypatch.setattr(cli, "imagenette_available", lambda: False)
-    assert config_from_args([])[0] == preset_of("cpu")
+    assert config_from_args([])[0] == preset_of("cpu-quick")
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
+    main_job = config_from_args([])[0]  # on a CPU: the built-in shapes in a 2-minute budget
+    assert main_job == preset_of("cpu-quick") and main_job.minutes == 2.0
 
 
 def preset_of(name, **overrides):

@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS = {
     "student_temp": 0.1,
     "center_momentum": 0.9,
     "teacher_centering": "center",  # paper (DINOv2: Sinkhorn-Knopp)
+    "koleo_weight": 0.0,  # paper (DINOv2: 0.1)
     "clip_grad": 3.0,  # paper (tutorial: 2.0)
     "freeze_last_layer": 1,
     "precision": "auto",
@@ -138,6 +139,8 @@ def test_preset_refuses_contradictions_early():
         ValueError, match=r"teacher_centering must be one of \('center', 'sinkhorn'\)"
     ):
         preset("cpu", teacher_centering="softmax")
+    with pytest.raises(ValueError, match=r"koleo_weight must be >= 0 \(0 turns it off\), got -0.1"):
+        preset("cpu", koleo_weight=-0.1)
     with pytest.raises(ValueError, match=r"canvas_size \(40\) must be at least global_size \(48\)"):
         preset("cpu", canvas_size=40)
 
@@ -187,6 +190,7 @@ def test_cpu_photos_preset_pinned():
         "momentum_teacher_end": 0.98,
         "norm_last_layer": False,
         "use_bn_in_head": True,
+        "koleo_weight": 0.1,  # DINOv2's
     }
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert cfg.model_kwargs["global_pool"] == "avg"
@@ -197,6 +201,17 @@ def test_cpu_photos_preset_pinned():
     assert cfg.global_size % cfg.model_kwargs["patch_size"] == 0
     assert cfg.local_size % cfg.model_kwargs["patch_size"] == 0
     assert cfg.warmup_epochs / cfg.epochs == pytest.approx(0.1)
+
+
+def test_cpu_quick_preset_is_the_cpu_recipe_in_a_budget():
+    quick, cpu = preset("cpu-quick"), preset("cpu")
+    assert quick.minutes == 2.0 and cpu.minutes is None  # the notebooks' recipe has fixed steps
+    assert quick.use_bn_in_head and not cpu.use_bn_in_head
+    assert quick.model_kwargs == {**cpu.model_kwargs, "depth": 3}  # the [CLS] token, 3 blocks
+    changed = {
+        f.name for f in dataclasses.fields(quick) if getattr(quick, f.name) != getattr(cpu, f.name)
+    }
+    assert changed == {"minutes", "use_bn_in_head", "model_kwargs"}
 
 
 def test_presets_are_not_shared_between_runs():

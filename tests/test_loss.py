@@ -163,6 +163,23 @@ def test_too_few_views_raise():
         Loss(OUT)(s, [])
 
 
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_targets_given_by_the_caller_give_the_same_loss_and_center(centering):
+    s, t = outputs()
+    computed, given = (Loss(OUT, center_momentum=0.5, centering=centering) for _ in range(2))
+    computed.center.fill_(0.3)
+    given.center.fill_(0.3)
+    expected = computed(s, t)
+    value = given(s, t, given.teacher_probs(t))  # the targets a training step takes first
+    assert torch.equal(value, expected)
+    assert torch.equal(given.center, computed.center)
+    # targets from other logits are used as given: the loss does not recompute them
+    other = given.teacher_probs([x.flip(0) for x in t])
+    assert not torch.allclose(given(s, t, other), expected)
+    with pytest.raises(ValueError, match="1 targets for 2 teacher views"):
+        given(s, t, other[:1])
+
+
 # --- Sinkhorn-Knopp targets (centering="sinkhorn") ------------------------------------------
 
 

@@ -237,9 +237,9 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(
     calls = {"n": 0}
     original = Loss.forward
 
-    def poisoned(self, student_output, teacher_output):
+    def poisoned(self, student_output, teacher_output, targets=None):
         calls["n"] += 1
-        loss = original(self, student_output, teacher_output)
+        loss = original(self, student_output, teacher_output, targets)
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(Loss, "forward", poisoned)
@@ -257,11 +257,11 @@ def test_sigterm_saves_checkpoint_and_returns(
     calls = {"n": 0}
     original = Loss.forward
 
-    def kill_at_step_3(self, student_output, teacher_output):
+    def kill_at_step_3(self, student_output, teacher_output, targets=None):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # what Kaggle and Colab send
-        return original(self, student_output, teacher_output)
+        return original(self, student_output, teacher_output, targets)
 
     monkeypatch.setattr(Loss, "forward", kill_at_step_3)
     result = train(cfg)
@@ -314,6 +314,57 @@ def test_train_step_is_what_train_runs(tiny_data: Path, tmp_path: Path, use_bn_i
         for key, value in module.state_dict().items():
             assert torch.equal(value, state[which][key]), f"{which} {key}"
     assert torch.equal(run.loss.center, state["loss"]["center"])
+
+
+@pytest.mark.parametrize("signals", [False, True])
+def test_train_step_computes_the_teacher_targets_once(
+    tiny_data: Path, tmp_path: Path, monkeypatch, signals
+) -> None:
+    """The loss reuses the targets the step took for its signals (Sinkhorn's are not free)."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", teacher_centering="sinkhorn")
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    data = build_training_data(cfg, info)
+    run = build_run(cfg, info, data.steps_per_epoch)
+    calls = []
+    original = type(run.loss).teacher_probs
+    monkeypatch.setattr(
+        type(run.loss), "teacher_probs", lambda self, t: calls.append(1) or original(self, t)
+    )
+    _, images = next(data.batches(0))
+    out = train_step(
+        run, data.crops(images, 0, run.device, cfg.seed), run.schedules[0], signals=signals
+    )
+    assert len(calls) == 1
+    assert set(out.signals) == ({"teacher_entropy", "batch_entropy", "kl"} if signals else set())
+
+
+def test_koleo_weight_moves_the_student_but_not_the_reported_loss(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """The step descends DINO + w * KoLeo of the two global views; it reports the DINO loss."""
+    from dino_nb.koleo import koleo_loss
+
+    outs, students = {}, {}
+    for weight in (0.0, 0.5):
+        cfg = tiny_config(tiny_data, tmp_path / f"run{weight}", koleo_weight=weight)
+        seed_everything(cfg.seed)
+        info = DistInfo(0, 1, 0, torch.device("cpu"))
+        data = build_training_data(cfg, info)
+        run = build_run(cfg, info, data.steps_per_epoch)
+        _, images = next(data.batches(0))
+        crops = data.crops(images, 0, run.device, cfg.seed)
+        with torch.no_grad():
+            _, embeddings = run.student_module(crops, return_embeddings=True)
+        by_hand = koleo_loss(embeddings[0]) + koleo_loss(embeddings[1])
+        values = run.schedules[run.schedules.warmup_steps]  # past the warmup: lr > 0
+        outs[weight] = train_step(run, crops, values, signals=True)
+        students[weight] = run.student_module.state_dict()
+    # same weights and crops: the same DINO loss (to float rounding), KoLeo not added to it
+    assert torch.allclose(outs[0.0].loss, outs[0.5].loss, rtol=1e-6, atol=0)
+    assert "koleo" not in outs[0.0].signals
+    assert torch.allclose(outs[0.5].signals["koleo"], by_hand)
+    moved = [k for k in students[0.0] if not torch.equal(students[0.0][k], students[0.5][k])]
+    assert any(k.startswith("backbone.") for k in moved)
 
 
 def test_teacher_head_batchnorm_uses_batch_statistics(tiny_data: Path, tmp_path: Path) -> None:
