@@ -29,12 +29,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bf16 natively: the CPU, and CUDA GPUs of compute capability 8.0+.
+
+    ``torch.cuda.is_bf16_supported()`` is not this question: it also answers True on a T4,
+    P100 or V100 (compute capability 7.5, 6.0, 7.0), where bf16 is emulated and slow. The
+    capability decides, as NVIDIA's Ampere (8.0) brought bf16 tensor cores.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type == "cpu"
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32.
 
-    ``auto`` picks bf16 on GPUs that support it (Ampere and newer), fp16 on older ones
-    (T4, P100, V100) and fp32 on the CPU.
+    ``auto`` picks bf16 on GPUs with native bf16 (compute capability 8.0+: A100, L4, H100),
+    fp16 with a loss scaler on older ones (T4, P100, V100) and fp32 on the CPU.
     """
+    device = torch.device(device)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
     if precision == "fp32":
         return None
     if device.type == "cpu":
@@ -42,9 +59,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
         return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bf16; use --precision fp16 or auto")
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    if precision == "bf16" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"this GPU (compute capability {major}.{minor}) has no native bf16 (it needs 8.0+); "
+            "use --precision fp16 or auto"
+        )
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
