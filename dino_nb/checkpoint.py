@@ -211,25 +211,48 @@ def backbone_state_dict(
     return weights, state["config"]
 
 
-def rng_state() -> dict[str, Any]:
-    """The random states, in forms that ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """This process's random states, in forms that ``torch.load(weights_only=True)`` accepts.
+
+    Args:
+        device: the CUDA device this process trains on; its generator is saved as ``cuda``
+            (one state: under ``torchrun`` each rank saves and restores its own). ``None``:
+            the current CUDA device where CUDA is available.
+    """
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device) if device is not None else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Inverse of :func:`rng_state`, whatever device the saved tensors were loaded to.
+
+    The generators' states must be CPU byte tensors; a checkpoint loaded with
+    ``map_location="cuda"`` (or any other device) is moved back first.
+
+    Args:
+        state: what :func:`rng_state` returned.
+        device: the CUDA device to restore ``cuda`` to; ``None``: the current one.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    saved = state.get("cuda")
+    if saved is None or not torch.cuda.is_available():
+        return
+    device = torch.device(device) if device is not None else None
+    if isinstance(saved, list | tuple):  # written before each rank saved its own: all devices
+        torch.cuda.set_rng_state_all([s.cpu() for s in saved])
+    elif device is None or device.type == "cuda":
+        torch.cuda.set_rng_state(saved.cpu(), device if device is not None else "cuda")

@@ -55,6 +55,8 @@ def _option_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     base = (
         args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     )  # X | None -> X
+    if base is bool and len(args) > 1:  # bool | Literal["auto"]: --gpu-augment [auto|on|off]
+        return {"type": _auto_bool, "nargs": "?", "const": True, "metavar": "auto|on|off"}
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(base) is typing.Literal:
@@ -66,6 +68,18 @@ def _option_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     if base is not hint:  # optional: "none" gives None (e.g. --minutes none: no time budget)
         return {"type": _or_none(base), "metavar": f"{f.name.upper()}|none"}
     return {"type": base, "metavar": f.name.upper()}
+
+
+def _auto_bool(text: str) -> bool | str:
+    """An argparse type: ``auto``, or on/off (true/false, yes/no, 1/0) as a bool."""
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
 
 
 def _or_none(convert: type) -> Any:
@@ -89,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="auto",
         choices=["auto", *PRESETS],
-        help="starting configuration (default auto: 'imagenette' on a GPU with ImageNette, "
-        "'cpu-photos' on a CPU with photos, else 'cpu-quick'); see PRESETS in dino_nb/config.py",
+        help="starting configuration (default auto: on a GPU with photos 'imagenette', or 't4' on a "
+        "card of 16 GB or less; 'cpu-photos' on a CPU with photos; else 'cpu-quick'); see PRESETS "
+        "in dino_nb/config.py",
     )
     p.add_argument(
         "--config", help="JSON file of TrainConfig fields, applied over the preset (options win)"
@@ -115,35 +130,60 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = json.dumps(default) if isinstance(default, dict) else default
         help_text = f"{f.metadata['help']} [default: {shown}]".replace("%", "%%")
-        groups[f.metadata["group"]].add_argument(
-            *flags, dest=f.name, help=help_text, **_option_kwargs(f)
-        )
+        group = groups[f.metadata["group"]]
+        kwargs = _option_kwargs(f)
+        group.add_argument(*flags, dest=f.name, help=help_text, **kwargs)
+        if kwargs.get("type") is _auto_bool:  # the --no-X spelling of a plain bool keeps working
+            group.add_argument(
+                "--no-" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_const",
+                const=False,
+                help=f"same as --{f.name.replace('_', '-')} off",
+            )
     return p
 
 
-def _auto_preset(args: argparse.Namespace) -> str:
-    """The preset ``--preset auto`` picks.
+#: Cards with at most this much memory (GiB) get the ``t4`` preset (a T4 reports about 14.7
+#: GiB, a P100 about 15.9; the ``imagenette`` preset's ViT-S/16 wants more).
+SMALL_GPU_GIB = 16.5
 
-    * no ``--data`` (the main job): ``imagenette`` on a GPU when ImageNette is found, else
-      ``cpu-quick`` (the built-in shapes in a 2-minute budget);
-    * ``--data`` naming photos (``imagenette`` or a folder): ``imagenette`` on a GPU,
-      ``cpu-photos`` on a CPU;
-    * ``--data builtin``: ``cpu-quick``.
+
+def gpu_memory_gib() -> float:
+    """Memory of CUDA device 0 in GiB (0 without CUDA)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def auto_preset(data: str | None = None, device: str = "auto") -> str:
+    """The preset ``--preset auto`` picks, and the notebooks too: one rule for both.
+
+    * on a GPU with photos (``--data imagenette`` or a folder, or no ``--data`` and ImageNette
+      found): ``imagenette`` (ViT-S/16), or ``t4`` (ViT-Ti/16) on a card of at most
+      :data:`SMALL_GPU_GIB` GiB (a Kaggle or Colab T4, a P100);
+    * on a CPU with photos: ``cpu-photos``;
+    * otherwise (no photos, or ``--data builtin``): ``cpu-quick``, the built-in shapes in a
+      2-minute budget.
+
+    Args:
+        data: the ``--data`` value (``None``: not given).
+        device: ``auto``, ``cpu`` or ``cuda``.
     """
-    data = getattr(args, "data", None)
-    on_gpu = torch.cuda.is_available() and getattr(args, "device", "auto") != "cpu"
-    if data == "builtin":
+    on_gpu = torch.cuda.is_available() and device != "cpu"
+    if data == "builtin" or (data is None and not (on_gpu and imagenette_available())):
         return "cpu-quick"
-    if data is None:
-        return "imagenette" if on_gpu and imagenette_available() else "cpu-quick"
-    return "imagenette" if on_gpu else "cpu-photos"
+    if not on_gpu:
+        return "cpu-photos"
+    return "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """Parse the command line into a :class:`TrainConfig` (and whether to only print it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = _auto_preset(args) if args.preset == "auto" else args.preset
+    auto = auto_preset(getattr(args, "data", None), getattr(args, "device", "auto"))
+    name = auto if args.preset == "auto" else args.preset
     overrides: dict[str, Any] = {}
     if getattr(args, "config", None):
         try:

@@ -76,9 +76,10 @@ class TrainConfig:
         "range of the Gaussian blur's sigma in pixels of a view (paper, for 224-pixel crops)",
         "data",
     )
-    gpu_augment: bool = _field(
-        False,
-        "crops and colour ops on the GPU; the CPU only decodes (for 2-4 core GPU machines)",
+    gpu_augment: bool | Literal["auto"] = _field(
+        "auto",
+        "crops and colour ops on the GPU, the CPU only decodes; auto: on where the CPU's loader "
+        "workers cannot feed the GPU (a Kaggle or Colab T4), off on the CPU",
         "data",
     )
     cache_pixels: bool = _field(
@@ -202,7 +203,10 @@ class TrainConfig:
         1, "epochs during which the last layer's gradients are cancelled (paper)", "optimisation"
     )
     precision: Precision = _field(
-        "auto", "auto: bf16 where supported, fp16 on older GPUs, fp32 on the CPU", "optimisation"
+        "auto",
+        "auto: bf16 on GPUs with native bf16 (compute capability 8.0+: A100, L4, H100), fp16 "
+        "with a loss scaler on older ones (T4, P100, V100), fp32 on the CPU",
+        "optimisation",
     )
     compile: bool = _field(
         False, "torch.compile the backbones (slow to start, faster after)", "optimisation"
@@ -331,6 +335,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"koleo_weight must be >= 0 (0 turns it off), got {cfg.koleo_weight}")
     if cfg.clip_grad < 0:
         problems.append(f"clip_grad must be >= 0 (0 turns it off), got {cfg.clip_grad}")
+    if cfg.gpu_augment not in (True, False, "auto"):
+        problems.append(f"gpu_augment must be true, false or 'auto', got {cfg.gpu_augment!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"unknown precision {cfg.precision!r}; use auto, fp32, bf16 or fp16")
     if cfg.device not in ("auto", "cpu", "cuda"):

@@ -1,9 +1,19 @@
-"""Process-group set-up for ``torchrun``; one process needs no process group at all."""
+"""Process-group set-up for ``torchrun``; one process needs no process group at all.
+
+Besides the group the gradients travel in (NCCL on GPUs), every multi-process run has a
+small gloo group on the CPU for the loop's decisions (:func:`agree`): whether to stop (a
+signal seen by one rank, the time budget running out) and how many steps the budget
+allows. Those are host integers; agreeing on them over gloo never waits for a GPU, and
+every rank leaves the loop at the same step, so no rank waits forever in a collective the
+others never enter.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +27,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    #: the gloo group of :func:`agree` (``None``: the default group, already gloo, or one process)
+    control: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -90,7 +102,8 @@ def pick_device(requested: str) -> torch.device:
 def setup(requested_device: str) -> DistInfo:
     """Start the process group when launched by ``torchrun``; otherwise describe one process.
 
-    NCCL is used on CUDA and gloo on CPU; each process takes the GPU of its local rank.
+    NCCL is used on CUDA and gloo on CPU; each process takes the GPU of its local rank. On
+    CUDA a second, gloo group carries the loop's decisions (:func:`agree`).
     """
     device = pick_device(requested_device)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
@@ -102,13 +115,56 @@ def setup(requested_device: str) -> DistInfo:
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, device)
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return DistInfo(rank, world, local_rank, device, control)
 
 
 def teardown(info: DistInfo) -> None:
     """Destroy the process group this module started."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(values: Sequence[int], info: DistInfo) -> list[int]:
+    """Element-wise sum over all ranks of a few host integers (themselves for one process).
+
+    The loop's decisions go through here so that every rank takes the same one: a flag
+    that any rank raises (sum > 0), a number that only rank 0 knows (the others add 0).
+    One all-reduce over the CPU group: nothing waits for a GPU.
+    """
+    if not info.enabled:
+        return list(values)
+    summed = torch.tensor(list(values), dtype=torch.int64)  # (n,) on the CPU
+    dist.all_reduce(summed, group=info.control)
+    return summed.tolist()
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process); over the CPU group."""
+    if not info.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj, group=info.control)
+    return gathered
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (e.g. before exiting: rank 0 may still be saving)."""
+    if info.enabled:
+        dist.barrier(group=info.control)
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let fp32 matrix products and convolutions use TF32 tensor cores (Ampere and newer).
+
+    PyTorch leaves fp32 matmuls in full fp32 by default; ``--precision fp32`` (the advice
+    after a NaN) then runs several times slower on an A100/H100 than it needs to. TF32 keeps
+    fp32's range with a 10-bit mantissa, which training tolerates (NVIDIA enables it by
+    default in its own containers). Nothing changes on the CPU.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:

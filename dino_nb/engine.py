@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .augment import DataAugmentation, normalize_uint8
 from .config import TrainConfig
 from .data import DatasetBundle, build_datasets, collate_crops, make_loader
-from .distributed import DistInfo, pick_device, resolve_precision
+from .distributed import DistInfo, allow_tf32, pick_device, resolve_precision
 from .gpu_augment import DecodeResize, GPUMultiCrop
 from .koleo import koleo_loss
 from .loss import DINOLoss
@@ -120,7 +120,8 @@ class Run:
         self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # {} when it was saved in bf16, fp32 or on the CPU (scaler off)
+            self.scaler.load_state_dict(state["scaler"])  # a fresh fp16 scaler otherwise
         self.loss.load_state_dict(state["loss"])
 
 
@@ -240,17 +241,67 @@ def single_process(cfg: TrainConfig) -> DistInfo:
     return DistInfo(0, 1, 0, pick_device(cfg.device))
 
 
-def default_num_workers(device: torch.device) -> int:
-    """Data workers: all cores but one on a GPU machine (capped at 8).
+#: Images per second that one loader worker turns into multi-crop views (2x224 + 8x96): with
+#: PIL, ~90-120 on the developers' 2-core Xeon and EPYC (``benchmarks/bench_loader.py``);
+#: from the pixel cache in batches, ~430.
+WORKER_IMAGES_PER_S = {"pil": 100, "cache": 430}
+#: What a GPU consumes, an estimate until measured (FLOPs per image for 2x224 + 8x96: the
+#: student's forward and backward, the teacher's forward): an A100 on the ``imagenette``
+#: preset (ViT-S/16, ~115 GFLOPs per image) at ~40% of its 312 TFLOP/s bf16 peak takes
+#: ~1,100 images/s; a T4 on the ``t4`` preset (ViT-Ti/16, ~31 GFLOPs) at ~25% of its 65
+#: TFLOP/s fp16 peak ~500. The rule errs towards the device-side crops: they cost the GPU
+#: little, while a starved GPU idles.
+GPU_IMAGES_PER_S = 1000
 
-    On a CPU the cores also run the model, so one worker prepares batches beside it.
+
+def _cores() -> int:
+    """CPU cores this process may use (the affinity mask where there is one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_num_workers(device: torch.device, local_world_size: int | None = None) -> int:
+    """Data workers per process: this process's share of the cores, minus one for itself.
+
+    On a GPU machine the cores are shared by the processes ``torchrun`` starts on it
+    (``LOCAL_WORLD_SIZE``), each keeping one core for its own loop; at most 8 each. On a CPU
+    the cores also run the model, so one worker prepares batches beside it.
     """
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
+    cores = _cores()
     if device.type == "cuda":
-        return max(1, min(8, cores - 1))
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = cores // max(1, local_world_size)
+        return max(1, min(8, share - 1))
     return 1 if cores >= 2 else 0
+
+
+def decide_gpu_augment(cfg: TrainConfig, device: torch.device, workers: int) -> tuple[bool, str]:
+    """``cfg.gpu_augment``, with ``"auto"`` decided for this machine, and the reason in words.
+
+    ``auto`` turns the device-side crops on when the loader workers cannot feed the GPU: each
+    makes about :data:`WORKER_IMAGES_PER_S` images per second, and a GPU consumes about
+    :data:`GPU_IMAGES_PER_S`. A Colab T4 (2 cores, 1 worker), a Kaggle T4 (4 cores, 3
+    workers) and the default 8 workers per GPU get it; ``--num-workers 10`` or more (PIL)
+    keeps the crops on the CPU. On the CPU the crops are made on the CPU either way, so
+    ``auto`` is off there.
+    """
+    if cfg.gpu_augment != "auto":
+        return bool(cfg.gpu_augment), f"--gpu-augment {'on' if cfg.gpu_augment else 'off'} as asked"
+    if device.type != "cuda":
+        return False, "crops on the CPU (no GPU)"
+    per_worker = WORKER_IMAGES_PER_S["cache" if cfg.cache_pixels else "pil"]
+    feed = workers * per_worker
+    if feed < GPU_IMAGES_PER_S:
+        return True, (
+            f"crops on the GPU: {workers} loader worker(s) make ~{feed} images/s on the CPU, "
+            f"the GPU takes ~{GPU_IMAGES_PER_S}+ (--gpu-augment off to keep them on the CPU)"
+        )
+    return False, (
+        f"crops on the CPU: {workers} loader workers make ~{feed} images/s, enough for the GPU "
+        "(--gpu-augment on to move them)"
+    )
 
 
 def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> TrainingData:
@@ -261,6 +312,8 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         info: the process (rank, world size, device); default one process on ``cfg.device``.
     """
     info = info or single_process(cfg)
+    workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
+    on_gpu, _ = decide_gpu_augment(cfg, info.device, workers)
     augmentation = DataAugmentation(
         cfg.global_crops_scale,
         cfg.local_crops_scale,
@@ -283,17 +336,16 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
                 CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress)
             torch.distributed.barrier()
         cached = CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress and info.is_main)
-        if cfg.gpu_augment:
+        if on_gpu:
             gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
             train_set = SeededDataset(cached)
         else:
             train_set, collate = WithSeeds(cached), MultiCropCollate(augmentation)
-    elif cfg.gpu_augment:  # the CPU only decodes and resizes to a square canvas
+    elif on_gpu:  # the CPU only decodes and resizes to a square canvas
         gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
         train_set = SeededDataset(bundle.train_plain.with_transform(DecodeResize(canvas)))
     else:
         train_set = SeededDataset(bundle.train_aug)
-    workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
     sampler = TrainSampler(len(train_set), cfg.batch_size, cfg.seed, info.rank, info.world_size)
     loader = make_loader(
         train_set,
@@ -319,6 +371,7 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
     """
     info = info or single_process(cfg)
     amp_dtype = resolve_precision(cfg.precision, info.device)
+    allow_tf32(info.device)
     seed_everything(cfg.seed)  # the same on every rank: the teachers must start equal too
     student, teacher = student_teacher_from_config(cfg)
     if cfg.use_bn_in_head and info.enabled and info.device.type == "cuda":

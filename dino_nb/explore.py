@@ -30,6 +30,7 @@ from torchvision.transforms import functional as TF
 
 from .attention import threshold_mask, upsample
 from .augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
+from .cli import auto_preset
 from .config import PRESETS, TrainConfig, preset
 from .distributed import pick_device
 from .viz import class_colors, new_figure, to_hwc, view_labels
@@ -40,9 +41,9 @@ PROFILE_ENV = "DINO_NB_PROFILE"
 PROFILES: tuple[str, ...] = ("ci", "cpu", "gpu")
 #: The environment variable naming the folder that holds the notebooks' runs (default ``runs/``).
 RUNS_ENV = "DINO_NB_RUNS"
-#: Cards with at most this much memory (GiB) get the ``t4`` preset in the ``gpu`` profile
-#: (a T4 reports about 14.7 GiB, a P100 about 15.9; the ``imagenette`` preset wants more).
-SMALL_GPU_GIB = 16.5
+#: Minutes a notebook trains for on a GPU (a time budget: the schedules fit into it, and
+#: running the cell again resumes an interrupted run).
+GPU_MINUTES = 20.0
 #: Steps between kNN evaluations in the ``ci`` profile (the ``cpu`` recipe is 372 steps).
 CI_EVAL_EVERY = 93
 #: Fields of a :class:`~dino_nb.config.TrainConfig` that say where a run lives and how it
@@ -194,9 +195,10 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     * ``cpu``: with ImageNette found, the ``cpu-photos`` recipe (15 minutes) with the
       ``[CLS]`` token as the embedding, so that attention maps mean something; else the
       ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
-    * ``gpu``: with ImageNette found, the ``imagenette`` preset (ViT-S/16, the paper's crops),
-      or the ``t4`` preset (ViT-Ti/16) on a card of at most :data:`SMALL_GPU_GIB` GiB (a Colab or
-      Kaggle T4, a P100); without ImageNette, the ``cpu`` preset on the GPU.
+    * ``gpu``: with ImageNette found, what ``--preset auto`` picks (:func:`dino_nb.cli.auto_preset`):
+      the ``imagenette`` preset (ViT-S/16, the paper's crops), or the ``t4`` preset (ViT-Ti/16)
+      on a card of at most 16.5 GiB (a Colab or Kaggle T4, a P100), in a time budget of
+      :data:`GPU_MINUTES` minutes; without ImageNette, the ``cpu`` preset on the GPU.
 
     Args:
         profile: from :func:`pick_profile`.
@@ -216,16 +218,9 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         # less): notebook 05's attention maps are the [CLS] token's
         kwargs = {**PRESETS["cpu-photos"]["model_kwargs"], "global_pool": "token"}
         values, name = {"model_kwargs": kwargs}, "cpu-photos"
-    else:
-        values, name = {}, "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
+    else:  # the rule of --preset auto: t4 on a card of 16 GB or less, else imagenette
+        values, name = {"minutes": GPU_MINUTES}, auto_preset("imagenette", "cuda")
     return preset(name, **{**values, "out": str(out), **overrides})
-
-
-def gpu_memory_gib() -> float:
-    """Memory of CUDA device 0 in GiB (0 without CUDA)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def finished_run(checkpoint: str | os.PathLike, cfg: TrainConfig) -> bool:

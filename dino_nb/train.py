@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,27 @@ from . import checkpoint as ckpt_io
 from .budget import TimeBudget
 from .config import TrainConfig, validate
 from .data import make_loader, projector_subset
-from .distributed import DistInfo, mean_across_ranks, setup, teardown
-from .engine import Run, TrainingData, build_run, build_training_data, seed_everything, train_step
+from .distributed import (
+    DistInfo,
+    agree,
+    barrier,
+    gather_objects,
+    mean_across_ranks,
+    setup,
+    teardown,
+)
+from .engine import (
+    Run,
+    TrainingData,
+    build_run,
+    build_training_data,
+    decide_gpu_augment,
+    default_num_workers,
+    seed_everything,
+    train_step,
+)
 from .evaluate import make_evaluator
+from .memory import memory_estimate
 from .schedules import Schedules
 from .signals import CollapseMonitor
 
@@ -112,7 +130,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_time = time.perf_counter()
     info = setup(cfg.device)
     try:
-        result = _train(cfg, info, budget)
+        result = _train(cfg, info, budget if info.is_main else None)
     finally:
         teardown(info)
     result.seconds = time.perf_counter() - start_time
@@ -121,16 +139,21 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> TrainResult:
     out_dir = _run_dir(cfg, info)
+    saved = _checkpoint_to_resume(cfg, out_dir)
+    cfg = _decide_data_path(cfg, info, saved[0]["config"] if saved else None)
     seed_everything(cfg.seed)
     data = build_training_data(cfg, info)
     run = build_run(cfg, info, data.steps_per_epoch)
     result = TrainResult(out_dir=out_dir)
-    if _resume(run, cfg, out_dir, result):  # the schedules' length is fixed (no budget, or saved)
-        budget = None  # a resumed budget run continues the schedule it fixed
-    books = _Books(run, data, out_dir, result, budget)
+    timed = cfg.minutes is not None  # the schedules' length is not known yet
+    if saved is not None:
+        timed = not _resume(run, cfg, *saved, result)  # a resumed budget run keeps its length
+    books = _Books(run, data, out_dir, result, budget if timed else None, timed)
     step = result.steps
     if step == 0:
         books.evaluate(step)
+    if info.is_main and run.device.type == "cuda":
+        print(memory_estimate(cfg, run.amp_dtype, info.device).describe(), flush=True)
     pending: list[torch.Tensor] = []  # losses of the steps the host has not looked at yet
     with _StopFlag() as stop, books.logger.progress(books.last_step(), initial=step) as bar:
         batches = data.batches(step)
@@ -143,37 +166,43 @@ def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> Train
             step += 1
             pending.append(out.loss)
             books.images_seen += run.global_batch
-            if budget is not None:
-                budget.record_step()
-            due_eval = step % cfg.eval_every == 0 and step != books.last_step()
+            if step == 1 and info.is_main and run.device.type == "cuda":
+                print(
+                    f"peak GPU memory after the first step: {_gpu_memory(run.device)['gpu_memory_gb']:.1f} GiB",
+                    flush=True,
+                )
+
+            # -- one decision for all ranks: the step count (time budget) and whether to stop
+            stopping = books.agree(step, signalled=stop.signal is not None, bar=bar)
+            last = step if stopping else books.last_step()  # the final evaluation and save follow
+            due_eval = step % cfg.eval_every == 0 and step != last
             due_save = (
                 step % cfg.save_every == 0 or step % run.steps_per_epoch == 0
-            ) and step != books.last_step()
+            ) and step != last
 
             # -- look at the loss before anything is logged or saved; log
-            if log_now or due_eval or due_save or stop.signal is not None:
+            if log_now or due_eval or due_save or stopping:
                 loss_value = _check_finite(pending, step, out_dir)
                 bar.set_postfix(_postfix(loss_value, budget), refresh=False)
             if log_now:
                 books.log(step, epoch, loss_value, out.signals, bar)
             bar.update(1)
-            books.follow_budget(bar)
 
             # -- evaluation, checkpoints, stop
             if due_eval:
                 books.evaluate(step)
             if due_save:
                 books.save(step)
-            if stop.signal is not None:
+            if stopping == "signal":
                 result.interrupted = True
-                break
-            if books.out_of_time(step):  # the machine slowed down after the count was fixed
+            if stopping:
                 break
 
     if not result.interrupted:
         books.evaluate(step)
     books.save(step)
     books.close(step)
+    barrier(info)  # no rank exits (and makes torchrun stop the others) while rank 0 still writes
     result.steps, result.total_steps = step, len(run.schedules)
     return result
 
@@ -191,6 +220,7 @@ class _Books:
         out_dir: Path,
         result: TrainResult,
         budget: TimeBudget | None,
+        timed: bool,
     ) -> None:
         cfg, main = run.cfg, run.info.is_main
         self.run, self.data, self.out_dir, self.result, self.budget = (
@@ -198,8 +228,9 @@ class _Books:
             data,
             out_dir,
             result,
-            budget,
+            budget,  # rank 0's clock; the other ranks follow its decisions
         )
+        self.fixed = not timed  # whether the schedules' length is final
         self.logger = _Logger(out_dir, cfg, main)
         self.evaluator = (
             make_evaluator(data.bundle, cfg, data.loader.num_workers, data.loader.pin_memory)
@@ -213,9 +244,77 @@ class _Books:
 
     def last_step(self) -> int:
         """Where the run stops; before a time budget is calibrated, open-ended (``sys.maxsize``)."""
-        open_ended = self.budget is not None and self.budget.total is None
-        total = sys.maxsize if open_ended else len(self.run.schedules)
+        total = len(self.run.schedules) if self.fixed else sys.maxsize
         return total if self.run.cfg.max_steps is None else min(total, self.run.cfg.max_steps)
+
+    def agree(self, step: int, signalled: bool, bar: Any) -> str | None:
+        """After each step, one decision that every rank takes: the step count and whether to stop.
+
+        Rank 0 holds the time budget: it lays the schedules over the budget's estimate and
+        fixes their length once it has measured enough, and it sees the budget run out. A
+        SIGTERM or Ctrl-C may reach any rank. Every rank learns all of it at the same step
+        (:func:`~dino_nb.distributed.agree`), so they all run the same schedules and leave
+        the loop together.
+
+        Returns:
+            ``"signal"``, ``"time"`` or ``None`` (go on).
+        """
+        planned, out_of_time = 0, False
+        if self.budget is not None:
+            self.budget.record_step()
+            planned = self._follow_budget()
+            out_of_time = self._out_of_time(step)
+        signal_any, late, total, fixed = agree(
+            [
+                int(signalled),
+                int(out_of_time),
+                planned,
+                int(self.budget is not None and self.budget.total is not None),
+            ],
+            self.run.info,
+        )
+        if not self.fixed and total and total != len(self.run.schedules):
+            self._lay_schedules(total)
+        if not self.fixed and fixed:
+            self.fixed = True
+            bar.total = self.last_step()
+            bar.refresh()
+        return "signal" if signal_any else "time" if late else None
+
+    def _lay_schedules(self, total: int) -> None:
+        self.run.schedules = Schedules(self.run.cfg, total, self.run.global_batch)
+        self.monitor.warmup_steps = self.run.schedules.warmup_steps
+
+    def _follow_budget(self) -> int:
+        """The step count the budget plans now (0 while it is still warming up)."""
+        budget = self.budget
+        assert budget is not None
+        if budget.total is None and budget.steps_done <= budget.warmup_steps:
+            return 0
+        eval_every = self.run.cfg.eval_every
+        if budget.total is not None:
+            return budget.total
+        return budget.total_steps(eval_every) if budget.calibrated else budget.estimate(eval_every)
+
+    def _out_of_time(self, step: int) -> bool:
+        """Whether a fixed time budget has only the final evaluation's time left, before the last step.
+
+        The step count is fixed from the steps timed early; when the machine slows down later
+        (other work starts), the budget still holds: the run stops here, with the schedules
+        not finished, and says so.
+        """
+        budget = self.budget
+        if budget is None or budget.total is None or step >= min(budget.total, self.last_step()):
+            return False
+        if budget.seconds_left() > budget.eval_seconds:
+            return False
+        print(
+            f"time budget reached at step {step} of {budget.total}: the steps got slower than "
+            "measured at the start (is other work running?); stopping here",
+            file=sys.stderr,
+            flush=True,
+        )
+        return True
 
     def evaluate(self, step: int) -> None:
         """Weighted kNN (or, unlabelled, view agreement) of the teacher; keep the best model by it."""
@@ -236,16 +335,22 @@ class _Books:
             ckpt_io.save_atomic({k: best[k] for k in keep}, self.out_dir / ckpt_io.BEST)
 
     def save(self, step: int) -> None:
-        """The checkpoint to resume from (rank 0), keeping the previous one."""
-        if not self.run.info.is_main:
+        """The checkpoint to resume from, keeping the previous one; rank 0 writes it.
+
+        Every rank calls this at the same step: each one's random states travel to rank 0,
+        so that a resumed rank draws what it would have drawn (drop-path masks differ by rank).
+        """
+        info = self.run.info
+        rngs = gather_objects(ckpt_io.rng_state(self.run.device), info)
+        if not info.is_main:
             return
-        fixed = self.budget is None or self.budget.total is not None
         state = self.run.checkpoint(
             step,
             best_knn=self.result.best_knn,
-            rng=ckpt_io.rng_state(),
+            rng=rngs[0],
+            rng_by_rank=rngs,
             total_steps=len(self.run.schedules),
-            schedule_fixed=fixed,  # a resumed run continues these schedules
+            schedule_fixed=self.fixed,  # a resumed run continues these schedules
         )
         ckpt_io.save_atomic(state, self.out_dir / ckpt_io.LAST, keep_previous=True)
 
@@ -270,40 +375,6 @@ class _Books:
         warning = self.monitor.update(step, loss, record.get("batch_entropy"))
         if warning and self.run.info.is_main:
             bar.write(f"warning: {warning}", file=sys.stderr)
-
-    def follow_budget(self, bar: Any) -> None:
-        """Lay the schedules over the budget's estimate; fix the length once it has measured enough."""
-        budget = self.budget
-        if budget is None or budget.total is not None or budget.steps_done <= budget.warmup_steps:
-            return
-        eval_every = self.run.cfg.eval_every
-        total = budget.total_steps(eval_every) if budget.calibrated else budget.estimate(eval_every)
-        self.run.schedules = Schedules(self.run.cfg, total, self.run.global_batch)
-        self.monitor.warmup_steps = self.run.schedules.warmup_steps
-        if budget.total is not None:
-            bar.total = self.last_step()
-            bar.refresh()
-
-    def out_of_time(self, step: int) -> bool:
-        """Whether a fixed time budget has only the final evaluation's time left, before the last step.
-
-        The step count is fixed from the steps timed early; when the machine slows down later
-        (other work starts), the budget still holds: the run stops here, with the schedules
-        not finished, and says so.
-        """
-        budget = self.budget
-        if budget is None or budget.total is None or step >= self.last_step():
-            return False
-        if budget.seconds_left() > budget.eval_seconds:
-            return False
-        if self.run.info.is_main:
-            print(
-                f"time budget reached at step {step} of {budget.total}: the steps got slower than "
-                "measured at the start (is other work running?); stopping here",
-                file=sys.stderr,
-                flush=True,
-            )
-        return True
 
     def close(self, step: int) -> None:
         """The projector (rank 0, finished runs), then close the logs; say how to resume."""
@@ -374,18 +445,47 @@ def _run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     return out_dir
 
 
-def _resume(run: Run, cfg: TrainConfig, out_dir: Path, result: TrainResult) -> bool:
-    """Load the checkpoint to resume from, if any; return whether the schedules' length is fixed."""
+def _checkpoint_to_resume(cfg: TrainConfig, out_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint this run continues, loaded on the CPU, and its path; ``None`` to start afresh.
+
+    On the CPU whatever the run's device: the random states must be CPU tensors, and the
+    weights are copied into the models (already on their device) by ``load_state_dict``.
+    """
     if cfg.resume == "never":
-        return cfg.minutes is None
+        return None
     path = Path(cfg.resume) if cfg.resume != "auto" else out_dir / ckpt_io.LAST
     if cfg.resume == "auto" and not (path.is_file() or ckpt_io.previous_path(path).is_file()):
-        return cfg.minutes is None
-    state, path = ckpt_io.load_with_fallback(path, map_location=run.device)
+        return None
+    return ckpt_io.load_with_fallback(path, map_location="cpu")
+
+
+def _decide_data_path(
+    cfg: TrainConfig, info: DistInfo, saved: dict[str, Any] | None
+) -> TrainConfig:
+    """``cfg`` with ``gpu_augment="auto"`` decided once: as the run being resumed decided, else now."""
+    if cfg.gpu_augment != "auto":
+        return cfg
+    if saved is not None and isinstance(saved.get("gpu_augment"), bool):
+        on = saved["gpu_augment"]
+        reason = f"crops on the {'GPU' if on else 'CPU'}, as the run being resumed decided"
+    else:
+        workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
+        on, reason = decide_gpu_augment(cfg, info.device, workers)
+    if info.is_main and info.device.type == "cuda":
+        print(f"data: {reason}", flush=True)
+    return replace(cfg, gpu_augment=on)
+
+
+def _resume(
+    run: Run, cfg: TrainConfig, state: dict[str, Any], path: Path, result: TrainResult
+) -> bool:
+    """Continue from a loaded checkpoint; return whether the schedules' length is fixed."""
     _check_resumable(state["config"], cfg, path)
     run.load_checkpoint(state)
     result.steps, result.best_knn = int(state["step"]), float(state.get("best_knn", 0.0))
-    ckpt_io.set_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank")
+    same_world = isinstance(by_rank, list) and len(by_rank) == run.info.world_size
+    ckpt_io.set_rng_state(by_rank[run.info.rank] if same_world else state["rng"], run.device)
     fixed = bool(state.get("schedule_fixed", True))
     if fixed and state["config"].get("minutes") and "total_steps" in state:
         # a budget run continues the step count it fixed; a run without a budget follows

@@ -33,6 +33,8 @@ def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
     }
     if f.name in special:
         value = special[f.name]
+    elif f.name == "gpu_augment":  # auto, on or off
+        return [flag, "on"], True
     elif isinstance(default, bool):
         return ([flag] if not default else ["--no-" + flag[2:]]), not default
     elif f.name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
@@ -145,6 +147,7 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
     assert cfg.data == str(tmp_path) and cfg == preset_of("cpu-photos", data=str(tmp_path))
     assert config_from_args(["--data", "builtin"])[0] == preset_of("cpu-quick")
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 80.0)  # an A100
     assert config_from_args([])[0] == preset_of("imagenette")
     assert config_from_args(["--data", str(tmp_path)])[0] == preset_of(
         "imagenette", data=str(tmp_path)
@@ -153,6 +156,9 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
         config_from_args(["--data", str(tmp_path), "-d", "cpu"])[0].model
         == preset_of("cpu-photos").model
     )
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 14.7)  # a Kaggle or Colab T4
+    assert config_from_args([])[0] == preset_of("t4")
+    assert cli.auto_preset("imagenette", "cuda") == "t4"  # the notebooks' choice is the same
     monkeypatch.setattr(cli, "imagenette_available", lambda: False)
     assert config_from_args([])[0] == preset_of("cpu-quick")
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
@@ -164,6 +170,19 @@ def preset_of(name, **overrides):
     from dino_nb.config import preset
 
     return preset(name, **overrides)
+
+
+def test_gpu_augment_takes_auto_on_off_and_the_no_spelling() -> None:
+    def value(*words):
+        return config_from_args(["--preset", "imagenette", *words])[0].gpu_augment
+
+    assert value() == "auto"
+    assert value("--gpu-augment") is True
+    assert value("--gpu-augment", "off") is False
+    assert value("--no-gpu-augment") is False
+    assert value("--gpu-augment", "auto") == "auto"
+    with pytest.raises(SystemExit):
+        value("--gpu-augment", "maybe")
 
 
 def test_optional_fields_take_none() -> None:

@@ -20,7 +20,7 @@ EXPECTED_DEFAULTS = {
     "global_crops_scale": (0.4, 1.0),  # paper
     "local_crops_scale": (0.05, 0.4),  # paper
     "blur_sigma": (0.1, 2.0),  # paper (BYOL's), for 224-pixel crops
-    "gpu_augment": False,
+    "gpu_augment": "auto",  # on where the loader workers cannot feed the GPU; off on the CPU
     "cache_pixels": False,
     "canvas_size": None,  # global size x 256/224
     "num_workers": None,

@@ -112,12 +112,17 @@ def test_training_config_per_profile(monkeypatch):
     # the photo recipe, except for the embedding: the [CLS] token, whose attention notebook 05 shows
     assert photos.model_kwargs == {**recipe.model_kwargs, "global_pool": "token"}
     assert recipe.model_kwargs["global_pool"] == "avg"
-    monkeypatch.setattr(explore, "gpu_memory_gib", lambda: 80.0)
+    import dino_nb.cli as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 80.0)
     big = training_config(Profile("gpu", "local", "cuda"), "o")
     assert big.data == "imagenette" and big.model == preset("imagenette").model
-    monkeypatch.setattr(explore, "gpu_memory_gib", lambda: 14.7)  # a T4
+    assert big.minutes == explore.GPU_MINUTES  # a stated time on a GPU, not the preset's epochs
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 14.7)  # a T4
     small = training_config(Profile("gpu", "local", "cuda"), "o")
     assert small.data == "imagenette" and small.model == preset("t4").model
+    assert small.minutes == explore.GPU_MINUTES
 
 
 # ---------------------------------------------------------------- images and crops
