@@ -223,6 +223,30 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     return preset(name, **{**values, "out": str(out), **overrides})
 
 
+def training_plan(cfg: TrainConfig, steps_per_epoch: int) -> str:
+    """One line that says, before a notebook trains, how long the run will take and how to go on.
+
+    With a time budget (``cfg.minutes``, the ``gpu`` profile's :data:`GPU_MINUTES`), the
+    minutes; without, the epochs and steps. Either way, running the cell again resumes.
+
+    Args:
+        cfg: the run's configuration.
+        steps_per_epoch: ``TrainingData.steps_per_epoch`` (or ``len(train set) // batch``).
+    """
+    where = f"{cfg.model} on {cfg.device if cfg.device != 'auto' else pick_device('auto').type}"
+    if cfg.minutes:
+        length = (
+            f"at most {cfg.minutes:g} minutes (a time budget: the schedules are laid over the "
+            "steps that fit)"
+        )
+    else:
+        length = f"{cfg.epochs} epochs of {steps_per_epoch} steps, no time budget"
+    return (
+        f"training {where} for {length}; interrupted, it resumes from {relative(cfg.out)} "
+        "when the cell runs again"
+    )
+
+
 def finished_run(checkpoint: str | os.PathLike, cfg: TrainConfig) -> bool:
     """Whether ``checkpoint`` ends a run that had ``cfg``'s settings, so its result can be reused.
 

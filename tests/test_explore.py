@@ -317,3 +317,12 @@ def test_finished_run_compares_settings_not_places(tmp_path):
     assert not finished_run(path, replace(cfg, seed=1))
     save_atomic({"config": cfg.to_dict(), "step": 186, "total_steps": 372}, path)
     assert not finished_run(path, cfg)  # stopped half-way
+
+
+def test_training_plan_states_the_budget_or_the_epochs() -> None:
+    from dino_nb.explore import training_plan
+
+    timed = training_plan(preset("t4", minutes=20.0, out="runs/x", device="cpu"), 74)
+    assert "at most 20 minutes" in timed and "resumes from runs/x" in timed
+    fixed = training_plan(preset("cpu", out="runs/y", device="cpu"), 31)
+    assert "12 epochs of 31 steps, no time budget" in fixed

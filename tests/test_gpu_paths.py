@@ -206,3 +206,29 @@ def test_memory_estimate_warns_when_the_batch_does_not_fit(monkeypatch: pytest.M
 
 def test_agree_sums_over_ranks_and_is_the_identity_for_one_process() -> None:
     assert distributed.agree([1, 0, 58, 1], DistInfo(0, 1, 0, torch.device("cpu"))) == [1, 0, 58, 1]
+
+
+def test_each_rank_saves_and_restores_its_own_cuda_generator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under torchrun, rank 1 (cuda:1) saves cuda:1's state and restores it to cuda:1, not all devices."""
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+
+    def get_state(device="cuda"):
+        return states[torch.device(device).index]
+
+    def set_state(state, device="cuda"):
+        restored[torch.device(device).index] = state.device.type, int(state[0])
+
+    def set_all(_):
+        raise AssertionError("set_rng_state_all would give every device one rank's states")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    saved = ckpt_io.rng_state(torch.device("cuda", 1))
+    assert int(saved["cuda"][0]) == 1
+    ckpt_io.set_rng_state(saved, torch.device("cuda", 1))
+    assert restored == {1: ("cpu", 1)}
