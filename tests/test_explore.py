@@ -320,6 +320,7 @@ def test_finished_run_compares_settings_not_places(tmp_path):
 
 
 def test_training_plan_states_the_budget_or_the_epochs() -> None:
+    from dino_nb.config import preset
     from dino_nb.explore import training_plan
 
     timed = training_plan(preset("t4", minutes=20.0, out="runs/x", device="cpu"), 74)
