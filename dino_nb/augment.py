@@ -201,15 +201,51 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def device_constant(
+    values: Sequence[float],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, device, dtype), then shared.
+
+    A tensor made from Python numbers on a GPU is copied from pageable host memory, and the
+    host then waits until the GPU has run everything queued: in every step, that stops the
+    CPU from queueing the next step while the GPU works on this one. The constants of the
+    crops' path (ImageNet statistics, augmentation probabilities) come from here instead.
+    Every caller gets the same tensor: never modify it in place.
+
+    Args:
+        values: the numbers.
+        device: where the tensor lives; ``None`` is torch's default device.
+        dtype: its dtype.
+
+    Returns:
+        a ``(len(values),)`` tensor.
+    """
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type != "cpu" and device.index is None:  # "cuda": key the cache by the current GPU
+        device = torch.empty(0, device=device).device
+    return _device_constant(tuple(values), device, dtype)
+
+
+@functools.cache
+def _device_constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for in inference mode
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
 def imagenet_stats(device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ImageNet mean and std as ``(3, 1, 1)`` float32 tensors on ``device``, ready to broadcast.
 
     The one place the statistics become tensors: :func:`normalize_uint8`, :func:`denormalize`
     and the evaluation transform (:func:`~dino_nb.data.plain_transform`, through
-    :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`) all use the same numbers.
+    :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`) all use the same numbers. Made once per
+    device (:func:`device_constant`): shared, never to be modified in place.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, device).view(3, 1, 1)
+    std = device_constant(IMAGENET_STD, device).view(3, 1, 1)
     return mean, std
 
 

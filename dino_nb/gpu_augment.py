@@ -62,8 +62,6 @@ from torchvision.ops import roi_align
 
 from .augment import (
     BLUR_SIGMA,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     JITTER,
     P_BLUR,
     P_FLIP,
@@ -74,6 +72,8 @@ from .augment import (
     SOLARIZE_THRESHOLD,
     DataAugmentation,
     MultiCropSettings,
+    device_constant,
+    imagenet_stats,
     pil_to_uint8_tensor,
 )
 
@@ -227,6 +227,14 @@ class ViewParams:
 # torchvision.transforms.v2.functional defines them on tensors.
 
 
+def _sync_is_free(device: torch.device) -> bool:
+    """Whether reading a mask on the host costs nothing (on the CPU), so ops may skip samples.
+
+    Elsewhere they run branch-free on the whole batch, so the host never waits for the device.
+    """
+    return device.type == "cpu"
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma ``(N, 1, H, W)`` of RGB images ``(N, 3, H, W)``."""
     r, g, b = x.unbind(dim=1)
@@ -271,7 +279,7 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         maxc == r, (g - b) / c, torch.where(maxc == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c)
     )  # (N, H, W), hue in sixths, in [-1, 5)
     hue6 = hue6 + 6.0 * f.view(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = device_constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + hue6.unsqueeze(1), 6.0)  # (N, 3, H, W)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
@@ -297,7 +305,7 @@ def color_jitter(
         factors: ``(N, 4)`` factors in :data:`JITTER_OPS` order.
         order: ``(N, 4)`` a permutation of ``0..3`` per sample: the op at each position.
     """
-    if x.device.type == "cpu":
+    if _sync_is_free(x.device):
         x = x.clone()
         for pos in range(4):
             for op, fn in enumerate(_JITTER_FNS):
@@ -305,7 +313,7 @@ def color_jitter(
                 if rows.numel():
                     x[rows] = fn(x[rows], factors[rows, op])
         return x
-    identity = torch.tensor(_IDENTITY, device=x.device, dtype=factors.dtype)
+    identity = device_constant(_IDENTITY, x.device, factors.dtype)
     for pos in range(4):
         for op, fn in enumerate(_JITTER_FNS):
             here = jittered & (order[:, pos] == op)
@@ -330,7 +338,7 @@ def gaussian_blur(
     """
     n, c, height, width = x.shape
     blurred = torch.isfinite(sigma) & (sigma > 0)
-    if x.device.type == "cpu" and not bool(blurred.all()):  # on the CPU, skip the unblurred ones
+    if _sync_is_free(x.device) and not bool(blurred.all()):  # on the CPU, skip the unblurred
         rows = blurred.nonzero().squeeze(1)  # (n_blurred,)
         out = x.clone()
         if rows.numel():
@@ -449,26 +457,33 @@ class GPUMultiCrop(MultiCropSettings):
         bsz = images.shape[0]
         crops: list[torch.Tensor] = []
         params: list[ViewParams] = []
-        groups = [
+        n_local = self.n_local_crops
+        groups = [  # kind, views, size, scale, then per view: blur and solarize probability
             (
                 "global",
                 2,
                 self.global_size,
                 self.global_crops_scale,
-                [g_blur, g2_blur],
-                [0.0, P_SOLARIZE],
+                (g_blur, g2_blur),
+                (0.0, P_SOLARIZE),
             ),
-            ("local", self.n_local_crops, self.local_size, self.local_crops_scale, [l_blur], [0.0]),
+            (
+                "local",
+                n_local,
+                self.local_size,
+                self.local_crops_scale,
+                (l_blur,) * n_local,
+                (0.0,) * n_local,
+            ),
         ]
         for kind, n_views, out, scale, p_blur, p_sol in groups:
             if n_views == 0:
                 continue
             # per-sample probabilities, view-major: view v of sample b is row v * B + b
-            p_blur_t = torch.tensor(p_blur, device=images.device).repeat_interleave(bsz)
-            p_sol_t = torch.tensor(p_sol, device=images.device).repeat_interleave(bsz)
-            if p_blur_t.numel() != n_views * bsz:  # locals share one probability
-                p_blur_t = p_blur_t.repeat(n_views)
-                p_sol_t = p_sol_t.repeat(n_views)
+            p_blur_t, p_sol_t = (
+                device_constant(p, images.device).view(n_views, 1).expand(n_views, bsz).reshape(-1)
+                for p in (p_blur, p_sol)
+            )  # each (n_views,) -> (n_views * B,)
             x, p = self._group(src, n_views, out, scale, p_blur_t, p_sol_t, generator)
             crops.extend(x.chunk(n_views))
             params.extend(
@@ -508,10 +523,10 @@ class GPUMultiCrop(MultiCropSettings):
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
 
         jittered = rand(n) < P_JITTER
-        strength = torch.tensor(JITTER, device=dev)
-        low = torch.tensor([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], device=dev)
+        strength = device_constant(JITTER, dev)  # (4,)
+        low = device_constant((1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]), dev)
         factors = low + 2 * strength * rand(n, 4)  # (n, 4): U(1-s, 1+s), hue U(-h, h)
-        identity = torch.tensor(_IDENTITY, device=dev).expand(n, 4)
+        identity = device_constant(_IDENTITY, dev).expand(n, 4)
         factors = torch.where(jittered[:, None], factors, identity)
         order = rand(n, 4).argsort(dim=1)  # (n, 4): a uniform random permutation per sample
         x = color_jitter(x, jittered, factors, order)
@@ -530,8 +545,7 @@ class GPUMultiCrop(MultiCropSettings):
         x = torch.where(solarized.view(-1, 1, 1, 1) & (x >= threshold), 1.0 - x, x)
 
         if self.normalize:
-            mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+            mean, std = imagenet_stats(dev)  # each (3, 1, 1)
             x = x.sub_(mean).div_(std)  # x is a fresh tensor from torch.where
         return x.to(self.out_dtype), (
             boxes,

@@ -107,6 +107,17 @@ def test_normalize_uint8_matches_the_formula_and_denormalize_inverts_it():
     )
 
 
+def test_imagenet_stats_are_made_once_per_device_and_serve_autograd_after_inference_mode():
+    A._device_constant.cache_clear()
+    with torch.inference_mode():  # the first request (an evaluation) made them here
+        normalize_uint8(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    mean, std = A.imagenet_stats("cpu")
+    assert A.imagenet_stats(torch.device("cpu"))[1].data_ptr() == std.data_ptr()  # not rebuilt
+    x = torch.rand(1, 3, 2, 2, requires_grad=True)
+    denormalize(x).sum().backward()  # saves std for backward, which an inference tensor cannot be
+    torch.testing.assert_close(x.grad, STD.expand(1, 3, 2, 2))
+
+
 # --------------------------------------------------------------------------- determinism
 
 

@@ -344,6 +344,21 @@ def test_cpu_colour_jitter_equals_each_sample_in_its_own_order():
     assert torch.equal(out[~jittered], x[~jittered])  # untouched, bit for bit
 
 
+def test_the_accelerator_branches_give_the_cpu_branches_views(monkeypatch):
+    # On the CPU, colour jitter and blur skip the samples that need no work (reading masks is
+    # free there); on an accelerator they run branch-free, so the host never waits. Both must
+    # draw the same views, up to float rounding (an op at its identity factor is not exact).
+    images = as_batch(smooth_image(32), 6)
+    aug = GPUMultiCrop(n_local_crops=2, global_size=16, local_size=8)
+    on_cpu, cpu_params = aug.views(images, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ga, "_sync_is_free", lambda device: False)
+    branch_free, params = aug.views(images, torch.Generator().manual_seed(0))
+    sigmas = [torch.stack([p.blur_sigma for p in ps]) for ps in (params, cpu_params)]
+    torch.testing.assert_close(*sigmas, equal_nan=True, atol=0, rtol=0)  # the same draws
+    for a, b in zip(branch_free, on_cpu, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_blur_sigma_range_carries_over_from_the_cpu_pipeline():
     cpu = DataAugmentation(n_local_crops=2, global_size=16, local_size=8, blur_sigma=(0.05, 0.5))
     gpu = GPUMultiCrop.from_augmentation(cpu)

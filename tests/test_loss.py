@@ -180,6 +180,33 @@ def test_targets_given_by_the_caller_give_the_same_loss_and_center(centering):
         given(s, t, other[:1])
 
 
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_changes_nothing_even_for_large_logits(centering, dtype):
+    # The step runs the loss under autocast, on the head's half-precision logits. A teacher
+    # whose logits share an offset of 50 has scores near 50 / tau_t = 1250, where fp16 holds
+    # only whole numbers (bf16 multiples of 8), yet its targets hang on score differences of
+    # ~1; a student at scale 50 has scores in the hundreds. Every op must run on float32
+    # copies: the result is the float32 loss of the same values up to float32 rounding
+    # (assert_close's float32 tolerance, rtol 1.3e-6 and atol 1e-5).
+    g = torch.Generator().manual_seed(0)
+    student = [(50 * torch.randn(16, 64, generator=g)).to(dtype) for _ in range(4)]  # 4 x (16, 64)
+    teacher = [(50 + 0.1 * torch.randn(16, 64, generator=g)).to(dtype) for _ in range(2)]
+    losses = [Loss(64, centering=centering) for _ in range(2)]
+    as_float = [[x.float() for x in xs] for xs in (student, teacher)]  # the same values
+    expected_targets = losses[0].teacher_probs(as_float[1])
+    expected = losses[0](*as_float, expected_targets)
+    with torch.autocast("cpu", dtype=dtype):
+        targets = losses[1].teacher_probs(teacher)
+        value = losses[1](student, teacher, targets)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    torch.testing.assert_close(value, expected)
+    for p, q in zip(targets, expected_targets, strict=True):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q)
+    torch.testing.assert_close(losses[1].center, losses[0].center)
+
+
 # --- Sinkhorn-Knopp targets (centering="sinkhorn") ------------------------------------------
 
 

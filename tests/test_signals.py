@@ -108,6 +108,25 @@ def test_loss_is_teacher_entropy_plus_kl(n_crops):
     assert signals["batch_entropy"].item() == pytest.approx(entropy(torch.cat(p_t).mean(0)).item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_signals_under_autocast_equal_float32(dtype):
+    # The step takes them inside autocast, from half-precision logits: they must be the float32
+    # signals of the same values. Entropies of probabilities near 0 need float32 targets (the
+    # log's clamp at 1e-12 is 0 in fp16, and 0 * log 0 is NaN).
+    student, teacher = random_outputs(n_crops=4)
+    student, teacher = [s.to(dtype) * 50 for s in student], [t.to(dtype) * 50 for t in teacher]
+    plain, autocast = Loss(7), Loss(7)  # each moves its center once
+    as_float = [[x.float() for x in xs] for xs in (student, teacher)]  # the same values
+    p_t = plain.teacher_probs(as_float[1])
+    expected = collapse_signals(p_t, plain(*as_float, p_t))
+    with torch.autocast("cpu", dtype=dtype):
+        p_t = autocast.teacher_probs(teacher)
+        found = collapse_signals(p_t, autocast(student, teacher, p_t))
+    for name, value in found.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        torch.testing.assert_close(value, expected[name], msg=name)
+
+
 def test_monitor_fires_once_on_uniform_collapse():
     k = 1024
     monitor = CollapseMonitor(k, warmup_steps=100, patience=5)
