@@ -405,7 +405,9 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
             cfg.center_momentum,
             centering=cfg.teacher_centering,
         ).to(info.device),
-        optimizer=torch.optim.AdamW(param_groups(student)),  # lr and wd are set every step
+        # lr and wd are set every step; on CUDA the fused kernel, which also lets an fp16
+        # scaler skip a step without reading its inf check back to the host every step
+        optimizer=torch.optim.AdamW(param_groups(student), fused=info.device.type == "cuda"),
         scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
         amp_dtype=amp_dtype,
         steps_per_epoch=steps_per_epoch,
