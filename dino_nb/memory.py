@@ -18,7 +18,7 @@ the estimate before the first step on a GPU and the measured peak after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,8 +83,8 @@ def memory_estimate(
     """
     from .models import student_teacher_from_config
 
-    with torch.device("meta"):
-        student, _ = student_teacher_from_config(cfg)
+    with torch.device("meta"):  # shapes only; no pretrained weights to fetch
+        student, _ = student_teacher_from_config(replace(cfg, pretrained=False))
     parameters = sum(p.numel() for p in student.parameters())
     state_bytes = parameters * (4 + 4 + 8) + parameters * 4  # student w, grad, 2 moments; teacher w
 

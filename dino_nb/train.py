@@ -153,7 +153,7 @@ def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> Train
     if step == 0:
         books.evaluate(step)
     if info.is_main and run.device.type == "cuda":
-        print(memory_estimate(cfg, run.amp_dtype, info.device).describe(), flush=True)
+        _announce_memory(cfg, run)
     pending: list[torch.Tensor] = []  # losses of the steps the host has not looked at yet
     with _StopFlag() as stop, books.logger.progress(books.last_step(), initial=step) as bar:
         batches = data.batches(step)
@@ -166,11 +166,9 @@ def _train(cfg: TrainConfig, info: DistInfo, budget: TimeBudget | None) -> Train
             step += 1
             pending.append(out.loss)
             books.images_seen += run.global_batch
-            if step == 1 and info.is_main and run.device.type == "cuda":
-                print(
-                    f"peak GPU memory after the first step: {_gpu_memory(run.device)['gpu_memory_gb']:.1f} GiB",
-                    flush=True,
-                )
+            if step == result.steps + 1 and info.is_main and run.device.type == "cuda":
+                peak = _gpu_memory(run.device)["gpu_memory_gb"]
+                bar.write(f"peak GPU memory after the first step: {peak:.1f} GiB")
 
             # -- one decision for all ranks: the step count (time budget) and whether to stop
             stopping = books.agree(step, signalled=stop.signal is not None, bar=bar)
@@ -426,6 +424,15 @@ def _postfix(loss: float, budget: TimeBudget | None) -> dict[str, str]:
         left = max(0.0, budget.seconds_left())
         postfix["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
     return postfix
+
+
+def _announce_memory(cfg: TrainConfig, run: Run) -> None:
+    """Print the memory estimate before the first step (an estimate that fails must not stop a run)."""
+    try:
+        line = memory_estimate(cfg, run.amp_dtype, run.device).describe()
+    except Exception as e:  # noqa: BLE001 - any model timm builds; the estimate is advice only
+        line = f"memory estimate unavailable ({type(e).__name__}: {e})"
+    print(line, flush=True)
 
 
 def _gpu_memory(device: torch.device) -> dict[str, float]:
