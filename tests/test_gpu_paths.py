@@ -232,3 +232,22 @@ def test_each_rank_saves_and_restores_its_own_cuda_generator(
     assert int(saved["cuda"][0]) == 1
     ckpt_io.set_rng_state(saved, torch.device("cuda", 1))
     assert restored == {1: ("cpu", 1)}
+
+
+def test_a_failing_memory_estimate_does_not_stop_the_run(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    run = build_run(cfg, steps_per_epoch=5)
+    train_module._announce_memory(cfg, run)
+    assert capsys.readouterr().out.startswith("memory estimate at batch 8 (fp32)")
+
+    def broken(*args, **kwargs):
+        raise AttributeError("this backbone has no blocks")
+
+    monkeypatch.setattr(train_module, "memory_estimate", broken)
+    train_module._announce_memory(cfg, run)
+    assert "memory estimate unavailable (AttributeError" in capsys.readouterr().out
