@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import sys
 import warnings
 from collections import deque
@@ -715,7 +716,13 @@ def make_loader(
     generator: torch.Generator | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A ``DataLoader`` with the options the project uses everywhere."""
+    """A ``DataLoader`` with the options the project uses everywhere.
+
+    Its workers ignore SIGTERM and SIGINT: a stop signal sent to the whole process group
+    (``timeout``, a terminal's Ctrl-C, a platform ending a session) is the main process's to
+    handle, by finishing its step and saving; a worker killed by it would make the loader
+    raise inside that save. The workers end when the main process closes the loader or exits.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -727,7 +734,14 @@ def make_loader(
         generator=generator,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn``: leave SIGTERM and SIGINT to the main process (see :func:`make_loader`)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- command line

@@ -622,3 +622,39 @@ def test_time_steps_counts_the_steps_after_the_warmup(tiny_data: Path, tmp_path:
     assert not (tmp_path / "run").exists()  # a throwaway run: nothing written
     with pytest.raises(ValueError, match="steps >= 1"):
         time_steps(cfg, steps=0)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """``timeout`` or a platform signalling the whole group: the workers leave it to the main process."""
+    import time
+
+    config = write_tiny_config(tmp_path / "tiny.json", epochs=1000, num_workers=1)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dino_nb.train", "--preset", "cpu", "--config", str(config)]
+        + ["--data", str(tiny_data), "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group, as under timeout or a terminal
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(losses(out)) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its loader worker
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop within 60 s of SIGTERM")
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "checkpoint saved to" in stdout and "Traceback" not in stderr
+    assert ckpt_io.load(out / ckpt_io.LAST)["step"] >= 3
