@@ -120,18 +120,24 @@ class Interrupts:
     between rows a signal is remembered in ``reason`` and ends the check before the next row.
     ``train()`` installs its own SIGTERM/SIGINT handlers while it runs: it stops after the
     current step and returns ``interrupted``, which :func:`loop_row` turns into :class:`Stop`.
+    Loader workers inherit the handler when they fork; there it does nothing (``timeout``
+    signals the whole process group, and a worker that died of it would turn the cut into a
+    loader error): the main process decides, and workers exit when it is gone.
     """
 
     NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
+        self.pid = os.getpid()
         self.reason: str | None = None
         self.armed = False
         for s in (signal.SIGALRM, *self.NAMES):
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked loader worker
+            return
         if signum == signal.SIGALRM:
             if self.budget.left() > 1.0:
                 if self.armed:
@@ -268,7 +274,7 @@ def nvidia_smi(field: str) -> str:
             ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=15,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as err:
@@ -564,6 +570,9 @@ def run_row(check: Check, row: Row) -> None:
         oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
         if not oom:
             traceback.print_exc(file=sys.stderr)
+        if interrupts.reason:  # e.g. loader workers killed by the same SIGTERM: a cut, not a bug
+            report.row(row.name, "cut", f"{interrupts.reason} ({text})", seconds, estimate)
+            raise Stop(interrupts.reason) from None
         report.row(row.name, "oom" if oom else "error", text, seconds, estimate)
     else:
         note = result.pop("note", "")

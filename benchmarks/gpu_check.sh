@@ -27,8 +27,10 @@ budget="${budget%%.*}"
 python=$(command -v python || command -v python3)
 mkdir -p "$results"
 
-# SIGTERM at the budget plus a minute, SIGKILL 30 s later if it still has not ended
-timeout -k 30 $((budget + 60)) "$python" benchmarks/gpu_check.py "$@" 2>&1 | tee "$results/gpu_check.log"
+# SIGTERM at the budget plus a minute, SIGKILL 30 s later if it still has not ended; to python
+# alone (--foreground): loader workers die of SIGTERM, and their death would raise inside
+# whatever the main process is doing (a checkpoint save) instead of the clean stop it handles
+timeout --foreground -k 30 $((budget + 60)) "$python" benchmarks/gpu_check.py "$@" 2>&1 | tee "$results/gpu_check.log"
 status=${PIPESTATUS[0]}
 if [[ $status -eq 124 || $status -eq 137 ]]; then
   echo "gpu_check.sh: the backstop timeout ended the check (exit $status); the rows above are what it measured (also in $results/gpu_check.md)"
