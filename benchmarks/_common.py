@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,14 +47,63 @@ def image_folder_root(
             for i in range(n):
                 folder = root / split / f"class{i % 4}"
                 folder.mkdir(parents=True, exist_ok=True)
-                low = rng.integers(0, 256, size=(size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-                img = Image.fromarray(low).resize(
-                    size, Image.BICUBIC
-                )  # smooth, photo-like spectrum
-                noise = rng.integers(-12, 13, size=(size[1], size[0], 3))
-                arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(folder / f"img{i:04d}.JPEG", quality=90)
+                _photo(rng, size).save(folder / f"img{i:04d}.JPEG", quality=90)
     return root, f"{n_generated} generated {size[0]}x{size[1]} JPEGs in {root}"
+
+
+def _photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A smooth random colour field plus a little noise: a photo-like spectrum (``size`` = w, h)."""
+    low = rng.integers(0, 256, size=(size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize(size, Image.BICUBIC)
+    noise = rng.integers(-12, 13, size=(size[1], size[0], 3))
+    return Image.fromarray(
+        np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    )
+
+
+def generated_photos(
+    n_train: int,
+    n_val: int,
+    size: tuple[int, int] = (427, 320),
+    n_classes: int = 4,
+    n_distinct: int = 64,
+) -> Path:
+    """An ImageFolder tree (``train/<class>/*.JPEG``, ``val/...``) of many generated JPEGs, written once.
+
+    For runs that must not reach an epoch's end: thousands of files, ready in about a second.
+    Only ``n_distinct`` JPEGs are encoded (photo-like, as :func:`image_folder_root` makes
+    them); every other file is a hard link to one of them (a copy where links fail). The
+    loader opens and decodes every file all the same, so reading the set costs what reading
+    as many different photos of that size would. The default size is imagenette2-320's
+    (shorter side 320, 4:3). A ``.complete`` marker, written last, tells a finished folder
+    from one a killed run left half-written.
+
+    Returns:
+        the root folder (under the temporary directory; its name holds the counts and size).
+    """
+    root = Path(tempfile.gettempdir()) / f"dino_nb_photos_{n_train}_{n_val}_{size[0]}x{size[1]}"
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    sources: list[Path] = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = root / split / f"class{i % n_classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"img{i:05d}.JPEG"
+            if len(sources) < n_distinct:
+                _photo(rng, size).save(path, quality=90)
+                sources.append(path)
+                continue
+            source = sources[i % len(sources)]
+            try:
+                os.link(source, path)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(source, path)
+    done.write_text(f"{n_train} train + {n_val} val, {len(sources)} distinct\n")
+    return root
 
 
 def jpeg_paths(root: Path, split: str = "train") -> list[str]:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from dino_nb.data import plain_transform, rgb_loader
+from dino_nb.distributed import native_bf16
 from dino_nb.evaluate import extract_features, sklearn_knn_topk, weighted_knn
 from dino_nb.models import build_backbone
 
@@ -96,9 +97,9 @@ def main(argv=None):
         ),
     )
     ours_vit = build_backbone(args.model).to(device).eval()
-    amp = (
-        torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    )
+    # bf16 where the device has it natively (the CPU, CUDA 8.0+), fp16 on a T4 or V100, whose
+    # bf16 is emulated (torch.cuda.is_bf16_supported() says yes there all the same)
+    amp = torch.bfloat16 if native_bf16(device) else torch.float16
 
     def tutorial():
         return seed_baseline.compute_knn(tutorial_vit, *t_loaders)

@@ -40,7 +40,7 @@ import torch
 
 from dino_nb.augment import normalize_uint8
 from dino_nb.config import preset
-from dino_nb.distributed import pick_device
+from dino_nb.distributed import native_bf16, pick_device
 from dino_nb.engine import build_run, train_step
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).
@@ -70,12 +70,6 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
-def bf16_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True  # the CPU autocast runs bf16 everywhere; whether it is fast is what we measure
-
-
 class Contender:
     """One recipe: model, optimizer, inputs, and a ``step()`` that runs one training step."""
 
@@ -89,9 +83,9 @@ class Contender:
             )
             self.crops = [torch.randn(b, 3, 224, 224, device=device) for _ in range(2 + n_local)]
         else:
-            precision = (
-                "fp32" if kind == "ours-fp32" else ("bf16" if bf16_available(device) else "fp16")
-            )
+            precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+                contenders_amp(kind, device)
+            ]
             cfg = preset(
                 "imagenette",
                 model=args.model,
@@ -297,9 +291,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def contenders_amp(kind: str, device: torch.device) -> torch.dtype:
+    """The dtype a contender computes in: ``ours-bf16`` takes bf16 where the device has it natively.
+
+    On the CPU bf16 autocast runs everywhere (whether it is fast is what the table shows). A
+    CUDA card below compute capability 8.0 (T4, V100) only emulates bf16, slowly, though
+    ``torch.cuda.is_bf16_supported()`` says yes: there the contender runs fp16, as
+    ``--precision auto`` does.
+    """
     if kind != "ours-bf16":
         return torch.float32
-    return torch.bfloat16 if bf16_available(device) else torch.float16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The benchmark scripts still run against the package (a quick pass, not a measurement)."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -119,39 +123,115 @@ def test_bench_gpu_augment_quick_prints_a_row_per_setting():
         assert (kornia, ratio) == ("n/a", "n/a") or (float(kornia) > 0 and float(ratio) > 0)
 
 
-@pytest.mark.slow
-def test_gpu_check_quick_runs_every_row_on_the_cpu(tmp_path):
-    """The GPU check's table, shrunk to a CPU smoke run: every row prints a positive rate."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/gpu_check.py",
-            "--quick",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
+GPU_CHECK_ROWS = [
+    "step bf16",
+    "step fp16",
+    "step fp32",
+    "loop, PIL augment",
+    "loop, gpu_augment",
+    "evaluation features",
+    "step + compile",
+]
+
+
+def _gpu_check(args, tmp_path, shell=False):
+    """Start the GPU check (``--quick --device cpu``); its stdout is a pipe read line by line."""
+    cmd = (
+        ["bash", "benchmarks/gpu_check.sh"]
+        if shell
+        else [sys.executable, "benchmarks/gpu_check.py"]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [
-        line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
-    ]
-    names = [row.split("|")[1].strip() for row in rows[1:]]
-    assert names == [
+    cmd += ["--quick", "--device", "cpu", "--results", str(tmp_path / "results"), *args]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("GPU_CHECK_START", None)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    watchdog = threading.Timer(600, proc.kill)  # a hang fails the test instead of blocking it
+    watchdog.daemon = True
+    watchdog.start()
+    return proc
+
+
+def _table_rows(lines):
+    """``{row name: [cells]}`` of the table lines (header and separator left out)."""
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")]
+    return {c[0]: c[1:] for c in cells if c[0] != "row" and not c[0].startswith("---")}
+
+
+def _jsonl(tmp_path):
+    text = (tmp_path / "results" / "gpu_check.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_gpu_check_prints_each_row_as_soon_as_it_is_measured(tmp_path):
+    """The header first, then each row on stdout and in the Markdown file while the others still run."""
+    proc = _gpu_check([], tmp_path, shell=True)
+    md = tmp_path / "results" / "gpu_check.md"
+    lines, arrivals, in_file_at_once = [], {}, {}
+    for line in iter(proc.stdout.readline, ""):
+        line = line.rstrip("\n")
+        lines.append(line)
+        name = line.split("|")[1].strip() if line.startswith("| ") else ""
+        if name in GPU_CHECK_ROWS:
+            arrivals[name] = time.monotonic()
+            in_file_at_once[name] = line in md.read_text().splitlines()
+    assert proc.wait() == 0, proc.stderr.read()[-3000:]
+    first_row = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    header = "\n".join(lines[:first_row])
+    assert "- device: CPU" in header
+    assert re.search(r"torch \S+, CUDA \S+, cuDNN \S+", header)
+    assert re.search(r"total with \d+ s of set-up: \d+ of the 420 s budget", header)
+    rows = _table_rows(lines)
+    assert list(rows) == GPU_CHECK_ROWS
+    for name in (
+        "step bf16",
         "step fp32",
-        "loop, CPU PIL augment",
-        "loop, --gpu-augment",
-        "imagenette preset, 4 steps",
-        "evaluation features (autocast)",
-    ]
-    for row in rows[1:]:
-        assert float(row.split("|")[2]) > 0
+        "loop, PIL augment",
+        "loop, gpu_augment",
+        "evaluation features",
+    ):
+        assert float(rows[name][0]) > 0, rows[name]
+    assert rows["step fp16"][-1] == "skipped: fp16 autocast needs a GPU"
+    assert rows["step + compile"][-1].startswith("skipped: --quick")
+    assert all(in_file_at_once.values()), in_file_at_once
+    # rows come as they are measured, not as one table at the end
+    assert arrivals["evaluation features"] - arrivals["step bf16"] > 1.0
+    records = _jsonl(tmp_path)
+    assert [r["kind"] for r in records] == ["header"] + ["row"] * 7 + ["end"]
+    assert records[1]["row"] == "step bf16" and records[1]["images_per_s"] > 0
+    assert records[-1]["stopped"] is None
+    assert "5 of 7 rows measured" in (tmp_path / "results" / "gpu_check.log").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_cut_short_by_sigterm_keeps_what_it_measured(tmp_path):
+    """SIGTERM (what ``timeout`` sends) ends the check at once; the rows measured stay reported."""
+    proc = _gpu_check([], tmp_path)
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith("| step bf16 |"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
+    rows = _table_rows((tmp_path / "results" / "gpu_check.md").read_text().splitlines())
+    assert list(rows) == GPU_CHECK_ROWS  # every row says what became of it
+    assert float(rows["step bf16"][0]) > 0
+    assert any("SIGTERM" in cells[-1] for cells in rows.values())
+    end = _jsonl(tmp_path)[-1]
+    assert end["kind"] == "end" and "SIGTERM" in end["stopped"]
+    assert end["statuses"]["step bf16"] == "ok"
+
+
+@pytest.mark.slow
+def test_gpu_check_skips_the_rows_its_budget_cannot_fit(tmp_path):
+    proc = _gpu_check(["--budget-s", "0"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rows = _table_rows(out.splitlines())
+    assert list(rows) == GPU_CHECK_ROWS
+    assert re.fullmatch(r"skipped: budget \(needs ~\d+ s, 0 s left\)", rows["step bf16"][-1])
+    assert all(r["status"] == "skipped" for r in _jsonl(tmp_path) if r["kind"] == "row")
 
 
 @pytest.mark.slow
