@@ -223,7 +223,7 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     return preset(name, **{**values, "out": str(out), **overrides})
 
 
-def training_plan(cfg: TrainConfig, steps_per_epoch: int) -> str:
+def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
     """One line that says, before a notebook trains, how long the run will take and how to go on.
 
     With a time budget (``cfg.minutes``, the ``gpu`` profile's :data:`GPU_MINUTES`), the
@@ -231,7 +231,8 @@ def training_plan(cfg: TrainConfig, steps_per_epoch: int) -> str:
 
     Args:
         cfg: the run's configuration.
-        steps_per_epoch: ``TrainingData.steps_per_epoch`` (or ``len(train set) // batch``).
+        steps_per_epoch: ``TrainingData.steps_per_epoch``, to count the steps of a run
+            without a budget (``None``: epochs only).
     """
     where = f"{cfg.model} on {cfg.device if cfg.device != 'auto' else pick_device('auto').type}"
     if cfg.minutes:
@@ -240,7 +241,8 @@ def training_plan(cfg: TrainConfig, steps_per_epoch: int) -> str:
             "steps that fit)"
         )
     else:
-        length = f"{cfg.epochs} epochs of {steps_per_epoch} steps, no time budget"
+        steps = f" of {steps_per_epoch} steps" if steps_per_epoch else ""
+        length = f"{cfg.epochs} epochs{steps}, no time budget"
     return (
         f"training {where} for {length}; interrupted, it resumes from {relative(cfg.out)} "
         "when the cell runs again"

@@ -327,3 +327,4 @@ def test_training_plan_states_the_budget_or_the_epochs() -> None:
     assert "at most 20 minutes" in timed and "resumes from runs/x" in timed
     fixed = training_plan(preset("cpu", out="runs/y", device="cpu"), 31)
     assert "12 epochs of 31 steps, no time budget" in fixed
+    assert "12 epochs, no time budget" in training_plan(preset("cpu", out="z", device="cpu"))
