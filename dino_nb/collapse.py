@@ -12,10 +12,13 @@ teacher-student KL divergence drops to zero, and the features carry no informati
 The paper's collapse study shows both failure modes; :func:`collapse_study` reproduces it in
 seconds on a CPU with a tiny MLP on random vectors (not a ViT on images): the point is the
 dynamics of the loss, not the features. With only centering the teacher entropy rises to
-:math:`\log K`, with only sharpening it falls to 0 and the whole batch
-shares a few dimensions; the KL falls towards 0 (in this toy, sharpening alone leaves a
-small floor: the student's bounded logits at :math:`\tau_s = 0.1` cannot be as peaked as
-the teacher's at 0.04). With both, the KL stays clearly above 0.
+:math:`\log K`, with only sharpening it falls to 0 and the whole batch shares one dimension;
+either way the KL falls towards 0. With both, the KL stays clearly above 0.
+
+The toy runs in float64 by default, so that its printed numbers do not depend on the CPU:
+the arm without a momentum teacher oscillates, and in float32 the kernels' rounding (which
+differs between, e.g., AVX-512 and plain kernels) decides its curves after a few hundred
+steps.
 """
 
 from __future__ import annotations
@@ -92,12 +95,14 @@ class CollapseRun:
 
 
 def _toy_data(
-    n_samples: int, dim: int, n_clusters: int, generator: torch.Generator
+    n_samples: int, dim: int, n_clusters: int, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
     """Gaussian clusters in ``dim`` dimensions: ``(n_samples, dim)``."""
-    centers = torch.randn(n_clusters, dim, generator=generator) * 2.0  # (n_clusters, dim)
+    centers = (
+        torch.randn(n_clusters, dim, generator=generator, dtype=dtype) * 2.0
+    )  # (n_clusters, dim)
     which = torch.randint(0, n_clusters, (n_samples,), generator=generator)
-    return centers[which] + torch.randn(n_samples, dim, generator=generator)
+    return centers[which] + torch.randn(n_samples, dim, generator=generator, dtype=dtype)
 
 
 def _two_views(
@@ -106,8 +111,8 @@ def _two_views(
     """Two "augmented" views: additive noise and random feature dropout, each ``(batch, dim)``."""
     views = []
     for _ in range(2):
-        keep = (torch.rand(x.shape, generator=generator) >= drop).float()
-        noise_ = torch.randn(x.shape, generator=generator) * noise
+        keep = (torch.rand(x.shape, generator=generator) >= drop).to(x.dtype)
+        noise_ = torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise
         views.append((x + noise_) * keep)
     return views
 
@@ -125,6 +130,7 @@ def run_setting(
     noise: float = 1.5,
     drop: float = 0.5,
     seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> CollapseRun:
     """Train a tiny student/teacher pair with one arm of the study and record its curves.
 
@@ -145,20 +151,34 @@ def run_setting(
         noise: standard deviation of the noise added to make a view.
         drop: probability that a feature is zeroed in a view.
         seed: seeds the data, the model and the views.
+        dtype: precision of the data, the views, the model and the center: ``torch.float64``
+            (default) or ``torch.float32``. The arm without a momentum teacher oscillates,
+            and in float32 its curves after a few hundred steps depend on the CPU's kernels
+            (float32 ``randn`` alone differs in the 7th digit between AVX-512 and plain
+            kernels); in float64 the draws are the same and the rounding differences far
+            smaller, so its tails agree to the printed precision.
 
     Returns:
         the per-step curves.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
-    data = _toy_data(2048, 32, 8, generator)  # (2048, 32)
+    data = _toy_data(2048, 32, 8, generator, dtype)  # (2048, 32)
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
-        student = MultiCropWrapper(
-            backbone, Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2)
-        )
+        # initialise in the run's dtype (a float32 init cast up would carry the kernels' rounding)
+        torch.set_default_dtype(dtype)
+        try:
+            backbone = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
+            student = MultiCropWrapper(
+                backbone, Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2)
+            )
+        finally:
+            torch.set_default_dtype(default_dtype)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -167,7 +187,7 @@ def run_setting(
         teacher_temp=teacher_temp if setting.sharpening else student_temp,
         student_temp=student_temp,
         center_momentum=center_momentum if setting.centering else 1.0,  # 1.0 keeps the center at 0
-    )
+    ).to(dtype)  # the center buffer
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     run = CollapseRun(setting, max_entropy=math.log(out_dim))
     for _ in range(steps):
