@@ -77,11 +77,11 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_output: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Centred (or balanced), sharpened teacher targets per view, each ``(n_samples, out_dim)``, no grad."""
         if self.centering == "sinkhorn":  # all views together: one balanced assignment
-            logits = torch.cat([t.detach().float() for t in teacher_output])  # (V * n, K)
+            logits = torch.cat([_at_least_fp32(t.detach()) for t in teacher_output])  # (V * n, K)
             probs = sinkhorn_knopp(logits / self.teacher_temp, self.sinkhorn_iters)
             return list(probs.chunk(len(teacher_output)))
         return [
-            F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1)
+            F.softmax((_at_least_fp32(t.detach()) - self.center) / self.teacher_temp, dim=-1)
             for t in teacher_output
         ]
 
@@ -103,14 +103,14 @@ class DINOLoss(nn.Module):
                 be taken before this call moves the center.
 
         Returns:
-            scalar loss (float32, whatever the logits' dtype).
+            scalar loss (float32 for half-precision or float32 logits, float64 for float64).
         """
         if len(student_output) < 2 or len(teacher_output) < 1:
             raise ValueError(
                 f"need >= 2 student crops and >= 1 teacher crop, got {len(student_output)} and {len(teacher_output)}"
             )
         student_logp = [
-            F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_output
+            F.log_softmax(_at_least_fp32(s) / self.student_temp, dim=-1) for s in student_output
         ]
         teacher_p = self.teacher_probs(teacher_output) if targets is None else targets
         if len(teacher_p) != len(teacher_output):
@@ -134,7 +134,9 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: Sequence[torch.Tensor]) -> None:
         """EMA update of the center from the teacher's mean logits over all views and ranks."""
-        logits = torch.cat([t.float() for t in teacher_output])  # (n_views * n_samples, out_dim)
+        logits = torch.cat(
+            [_at_least_fp32(t) for t in teacher_output]
+        )  # (n_views * n_samples, out_dim)
         batch_center = logits.sum(dim=0, keepdim=True)  # (1, out_dim)
         count = logits.shape[0]
         if dist.is_available() and dist.is_initialized():
@@ -142,6 +144,15 @@ class DINOLoss(nn.Module):
             count *= dist.get_world_size()
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in half precision (softmax and exp overflow there), else as it is.
+
+    float64 stays float64: notebook 03's collapse toy runs in float64 so that its printed
+    numbers do not depend on the CPU's kernels.
+    """
+    return x if x.dtype == torch.float64 else x.float()
 
 
 @torch.no_grad()
@@ -166,7 +177,7 @@ def sinkhorn_knopp(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
     peak = scores.max()
     if distributed:  # the same shift on every rank (any shift cancels; this avoids overflow)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    q = torch.exp(scores.float() - peak).t()  # (K, B)
+    q = torch.exp(_at_least_fp32(scores) - peak).t()  # (K, B)
     # Every constant factor (the 1/K and 1/B targets, a global normalisation) cancels in the
     # next rescaling, so each round only divides by the current sums.
     for _ in range(iters):
