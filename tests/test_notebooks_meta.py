@@ -185,3 +185,18 @@ def test_notebook_is_light(name):
     size = (NOTEBOOKS / name).stat().st_size
     assert size <= 500_000, f"{name} is {size / 1e3:.0f} KB; keep notebooks under 500 KB"
     assert "light_figures()" in _src(_code_cells(_load(name))[0])
+
+
+@pytest.mark.parametrize("name", ["04_training.ipynb", "05_knn_and_embeddings.ipynb"])
+def test_notebooks_that_train_on_a_gpu_compare_cpu_copies(name):
+    """On a GPU the run's tensors live on CUDA and a checkpoint loads on the CPU: mixing them raises.
+
+    Every tensor comparison in the notebooks that train on the device must compare CPU copies.
+    """
+    calls = [
+        line.strip()
+        for cell in _code_cells(_load(name))
+        for line in _src(cell).splitlines()
+        if re.search(r"torch\.(equal|allclose)\(", line)
+    ]
+    assert all(".cpu()" in line for line in calls), [c for c in calls if ".cpu()" not in c]
