@@ -103,7 +103,8 @@ def _diagnose(path: Path, error: Exception) -> str:
     size = path.stat().st_size
     if size == 0:
         return "is empty (0 bytes): the write or copy that made it stopped before any data"
-    globals_ = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    # torch 2.4+ names the class as "GLOBAL mod.Class", torch 2.3 as "Unsupported class mod.Class"
+    globals_ = re.findall(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(error))
     if isinstance(error, pickle.UnpicklingError) and globals_:
         return (
             f"holds a Python object ({globals_[0]}), not only tensors and plain containers; it is "

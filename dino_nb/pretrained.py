@@ -175,10 +175,12 @@ def _from_file(name: str, path: Path, **timm_kwargs: Any) -> nn.Module:
 
     ``num_classes=0`` in the overlay says the file holds a backbone without classifier,
     as the paper's does; timm then loads it strictly, so a file of another model fails
-    loudly instead of leaving some layers at random.
+    loudly instead of leaving some layers at random. ``custom_load=False``: the file is a
+    PyTorch state_dict, not the npz that some default tags (``vit_tiny_patch16_224``) name;
+    later timm assumes so for a file, timm 1.0.3 does not.
     """
     from .models import build_backbone
 
-    overlay = {"file": str(path), "num_classes": 0}
+    overlay = {"file": str(path), "num_classes": 0, "custom_load": False}
     backbone = build_backbone(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
     return backbone.eval()

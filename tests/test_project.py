@@ -103,3 +103,39 @@ def test_pytest_collects_tests_and_notebooks_in_strict_nbval() -> None:
     assert options["testpaths"] == ["tests", "notebooks"]
     assert "--nbval " in options["addopts"] + " " and "--nbval-lax" not in options["addopts"]
     assert "--nbval-current-env" in options["addopts"]
+
+
+def _lower_bounds_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lower_bounds", REPO / "scripts" / "lower_bounds.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lower_bounds_pins_every_direct_dependency_at_its_floor() -> None:
+    # .ci/run installs these as constraints: a dependency left out would go untested
+    project = _pyproject()["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    pinned = dict(line.split("==") for line in _lower_bounds_script().pins())
+    assert len(pinned) == len(declared)
+    for requirement in declared:
+        name, spec = _name_and_spec(requirement)
+        assert tuple(int(p) for p in pinned[name].split(".")) == _lower_bound(spec), name
+
+
+@pytest.mark.parametrize("requirement", ["torch", "torch>=2.3,<3", "torch==2.3", "torch>2.3"])
+def test_lower_bounds_refuses_a_dependency_without_one_floor(tmp_path, requirement) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(f'[project]\ndependencies = ["numpy>=1.24", "{requirement}"]\n')
+    with pytest.raises(SystemExit, match=re.escape(repr(requirement))):
+        _lower_bounds_script().pins(pyproject)
+
+
+def test_ci_tests_at_the_lower_bounds() -> None:
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "scripts/lower_bounds.py" in ci and "--resolution lowest-direct" in ci
+    assert re.search(r'-m "not slow" tests/', ci)
