@@ -5,7 +5,8 @@ minutes into a session. :func:`memory_estimate` says it before the first step, f
 
 * the exact bytes of what lives for the whole run: the student's fp32 weights, gradients
   and AdamW's two moments (16 bytes per parameter) and the teacher's weights (4 bytes), the
-  parameters counted on a model built on the ``meta`` device (no memory, no time);
+  parameters counted on a model built on the ``meta`` device (no memory, no time; on the CPU
+  where an older timm cannot build on ``meta``);
 * an estimate of the activations the student keeps for its backward pass: per transformer
   block about ``34 * tokens * width`` bytes per image in 16-bit precision (Korthikanti et
   al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without their
@@ -83,8 +84,12 @@ def memory_estimate(
     """
     from .models import student_teacher_from_config
 
-    with torch.device("meta"):  # shapes only; no pretrained weights to fetch
-        student, _ = student_teacher_from_config(replace(cfg, pretrained=False))
+    shapes_only = replace(cfg, pretrained=False)  # no weights to fetch
+    try:
+        with torch.device("meta"):  # no memory, no time
+            student, _ = student_teacher_from_config(shapes_only)
+    except (NotImplementedError, RuntimeError):  # older timm reads a value while initialising
+        student, _ = student_teacher_from_config(shapes_only)
     parameters = sum(p.numel() for p in student.parameters())
     state_bytes = parameters * (4 + 4 + 8) + parameters * 4  # student w, grad, 2 moments; teacher w
 
