@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TINY  # the tiny ViT and run of the engine's tests
 
 import dino_nb.gpu_augment as ga
 from dino_nb.config import preset
@@ -28,22 +29,6 @@ from dino_nb.synthetic import generate
 
 #: Frames in these folders are torch's own (e.g. AdamW reads its step count, a CPU tensor).
 LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch,))
-
-TINY = dict(
-    model="vit_tiny_patch16_224",
-    model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2},
-    global_size=32,
-    local_size=16,
-    n_local_crops=2,
-    batch_size=8,
-    out_dim=64,
-    hidden_dim=32,
-    bottleneck_dim=16,
-    num_workers=0,
-    progress=False,
-    projector_size=0,
-    minutes=None,
-)
 
 
 def _from_python(data: object, *args: object, **kwargs: object) -> bool:
