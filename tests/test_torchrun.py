@@ -90,7 +90,9 @@ def test_time_budget_ends_both_ranks_at_the_same_step(tiny_data: Path, tmp_path:
     out = finish(launch(folder, data=str(tiny_data), minutes=0.3, epochs=1000), timeout=240)
     first, second = results(folder)
     assert first == second, out[-2000:]  # same steps, same schedules' length
-    assert first["steps"] == first["total"] > 0 and not first["interrupted"]
+    # the whole fixed count, or fewer when the machine slowed down after it was fixed (the
+    # budget's guard stops early then, on every rank alike)
+    assert 0 < first["steps"] <= first["total"] and not first["interrupted"]
     state = ckpt_io.load(folder / "run" / ckpt_io.LAST)
     assert state["step"] == first["steps"] and state["schedule_fixed"]
     assert len(state["rng_by_rank"]) == 2  # each rank's random states
