@@ -13,13 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, free_port, losses, tiny_data  # noqa: F401 - the fixture by name
+from test_train import TINY, losses, tiny_data, torchrun  # noqa: F401 - the fixture by name
 
 from dino_nb import checkpoint as ckpt_io
 
@@ -49,16 +48,7 @@ def launch(folder: Path, **overrides) -> subprocess.Popen:
     cfg = {**TINY, "batch_size": 4, "out": str(folder / "run"), **overrides}
     (folder / "config.json").write_text(json.dumps(cfg))
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(folder / "worker.py"),
-            str(folder),
-        ],
+        torchrun(str(folder / "worker.py"), str(folder)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -489,6 +489,19 @@ def test_cli_missing_data_is_one_clear_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- several processes
 
 
+def torchrun(*args: str) -> list[str]:
+    """The command that starts 2 processes of ``args`` under ``torchrun`` on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -513,21 +526,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_data: Path, tmp_path: Pat
     single = run_cli(*common, "--out", str(tmp_path / "one"), "-b", "8")
     assert single.returncode == 0, single.stderr
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "dino_nb.train",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-            "-b",
-            "4",
-        ],
+        torchrun("-m", "dino_nb.train", *common, "--out", str(tmp_path / "two"), "-b", "4"),
         capture_output=True,
         text=True,
         cwd=REPO,
