@@ -277,6 +277,11 @@ def default_num_workers(device: torch.device, local_world_size: int | None = Non
     return 1 if cores >= 2 else 0
 
 
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """``cfg.num_workers``, or :func:`default_num_workers` for this device when it is ``None``."""
+    return default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
+
+
 def decide_gpu_augment(cfg: TrainConfig, device: torch.device, workers: int) -> tuple[bool, str]:
     """``cfg.gpu_augment``, with ``"auto"`` decided for this machine, and the reason in words.
 
@@ -312,7 +317,7 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         info: the process (rank, world size, device); default one process on ``cfg.device``.
     """
     info = info or single_process(cfg)
-    workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
+    workers = loader_workers(cfg, info.device)
     on_gpu, _ = decide_gpu_augment(cfg, info.device, workers)
     augmentation = DataAugmentation(
         cfg.global_crops_scale,

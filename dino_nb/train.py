@@ -45,7 +45,7 @@ from .engine import (
     build_run,
     build_training_data,
     decide_gpu_augment,
-    default_num_workers,
+    loader_workers,
     seed_everything,
     train_step,
 )
@@ -287,11 +287,11 @@ class _Books:
         """The step count the budget plans now (0 while it is still warming up)."""
         budget = self.budget
         assert budget is not None
-        if budget.total is None and budget.steps_done <= budget.warmup_steps:
-            return 0
-        eval_every = self.run.cfg.eval_every
         if budget.total is not None:
             return budget.total
+        if budget.steps_done <= budget.warmup_steps:
+            return 0
+        eval_every = self.run.cfg.eval_every
         return budget.total_steps(eval_every) if budget.calibrated else budget.estimate(eval_every)
 
     def _out_of_time(self, step: int) -> bool:
@@ -476,8 +476,7 @@ def _decide_data_path(
         on = saved["gpu_augment"]
         reason = f"crops on the {'GPU' if on else 'CPU'}, as the run being resumed decided"
     else:
-        workers = default_num_workers(info.device) if cfg.num_workers is None else cfg.num_workers
-        on, reason = decide_gpu_augment(cfg, info.device, workers)
+        on, reason = decide_gpu_augment(cfg, info.device, loader_workers(cfg, info.device))
     if info.is_main and info.device.type == "cuda":
         print(f"data: {reason}", flush=True)
     return replace(cfg, gpu_augment=on)
