@@ -41,8 +41,9 @@ import torch
 
 import dino_nb.augment as augment
 from dino_nb.augment import DataAugmentation, normalize_uint8
-from dino_nb.data import collate_crops, rgb_loader
-from dino_nb.gpu_augment import DecodeResize, GPUMultiCrop
+from dino_nb.datasets import rgb_loader
+from dino_nb.fast.crops import DecodeResize, GPUMultiCrop
+from dino_nb.loader import collate_crops
 
 
 @contextlib.contextmanager

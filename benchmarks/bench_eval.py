@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from dino_nb.data import plain_transform, rgb_loader
+from dino_nb.datasets import plain_transform, rgb_loader
 from dino_nb.distributed import native_bf16
-from dino_nb.evaluate import extract_features, sklearn_knn_topk, weighted_knn
-from dino_nb.models import build_backbone
+from dino_nb.evaluation import extract_features, sklearn_knn_topk, weighted_knn
+from dino_nb.model import build_backbone
 
 IMAGENETTE_TRAIN, IMAGENETTE_VAL, EVAL_TRAIN_SUBSET = 9469, 3925, 5000
 

@@ -1,8 +1,8 @@
 """Batched multi-crop throughput: the hand-written ``GPUMultiCrop`` vs the same views from kornia.
 
 Both contenders take the same ``(B, 3, canvas, canvas)`` uint8 batch (real photos through
-:class:`~dino_nb.gpu_augment.DecodeResize`) and return every view, normalised float32:
-:class:`dino_nb.gpu_augment.GPUMultiCrop` and ``kornia_multicrop.KorniaMultiCrop`` (this
+:class:`~dino_nb.fast.crops.DecodeResize`) and return every view, normalised float32:
+:class:`dino_nb.fast.crops.GPUMultiCrop` and ``kornia_multicrop.KorniaMultiCrop`` (this
 folder: the closest ``kornia.augmentation`` pipeline, same arguments, probabilities and
 seeding). Calls alternate between the two on the same batch, each with a freshly seeded
 generator; the table shows median images/s and the median of the per-pair time ratios
@@ -30,7 +30,7 @@ import itertools
 import _common as C
 import torch
 
-from dino_nb.gpu_augment import DecodeResize, GPUMultiCrop
+from dino_nb.fast.crops import DecodeResize, GPUMultiCrop
 
 try:
     from kornia_multicrop import KorniaMultiCrop

@@ -7,16 +7,16 @@ Three ways to feed training, each through a ``DataLoader`` with one worker proce
 - **PIL**: today's path, :class:`~dino_nb.augment.DataAugmentation` per image
   (``build_datasets(...).train_aug`` through ``SeededDataset``) and ``collate_crops``;
 - **JPEG + batched**: every image decoded and resized to the canvas each time
-  (:class:`~dino_nb.gpu_augment.DecodeResize`, JPEG draft decoding), then
-  :class:`~dino_nb.pixels.MultiCropCollate` draws all views of the batch at once;
+  (:class:`~dino_nb.fast.crops.DecodeResize`, JPEG draft decoding), then
+  :class:`~dino_nb.fast.cache.MultiCropCollate` draws all views of the batch at once;
 - **cache + batched**: the canvases read from the memory-mapped pixel cache
-  (:class:`~dino_nb.pixels.CachedCanvases`, built once; the build time is printed), then
+  (:class:`~dino_nb.fast.cache.CachedCanvases`, built once; the build time is printed), then
   the same batched views.
 
 Rounds alternate between the three (a, b, c, a, b, c, ...); each round starts a fresh
 worker, discards its first batch (worker start-up) and times the next ``--batches``. The
 table shows median images/s and the median per-round ratio to the PIL path. For reference
-it times the shipped training step (``dino_nb.engine.train_step``, fp32) of a small ViT
+it times the shipped training step (``dino_nb.step.train_step``, fp32) of a small ViT
 (timm, 64-pixel input, 8x8 patches, depth 6, width 192) on crops of the same sizes in the
 main process: when the loader makes more images/s than the step eats, data loading is not
 the bottleneck.
@@ -42,11 +42,11 @@ from torch.utils.data import DataLoader
 
 from dino_nb.augment import DataAugmentation, normalize_uint8
 from dino_nb.config import preset
-from dino_nb.data import build_datasets, collate_crops
-from dino_nb.engine import Run, build_run, train_step
-from dino_nb.gpu_augment import DecodeResize
-from dino_nb.pixels import CachedCanvases, MultiCropCollate, WithSeeds
-from dino_nb.sampling import SeededDataset, TrainSampler
+from dino_nb.datasets import build_datasets
+from dino_nb.fast.cache import CachedCanvases, MultiCropCollate, WithSeeds
+from dino_nb.fast.crops import DecodeResize
+from dino_nb.loader import SeededDataset, TrainSampler, collate_crops
+from dino_nb.step import Run, build_run, train_step
 
 #: ImageNette's train photos at 128x128, shared beside the checkout (absent in a fresh clone).
 PHOTOS128 = C.REPO.parent / "shared" / "data" / "imagenette-photos128"
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_step:
         rate, seconds = step_rate(args)
         print(
-            f"\nreference: the training step (dino_nb.engine.train_step), {args.model} with "
+            f"\nreference: the training step (dino_nb.step.train_step), {args.model} with "
             f"{args.global_size} px input, patch 8, depth 6, width 192, out_dim {args.out_dim}, fp32, "
             f"batch {args.batch}, torch threads {threads}: {rate:.1f} images/s ({seconds:.2f} s/step); "
             f"load average {loadavg()}"

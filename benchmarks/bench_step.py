@@ -2,7 +2,7 @@
 
 The tutorial's recipe (``seed_baseline``): every crop at 224, fp32, all crops concatenated
 into one forward pass, its per-parameter clipping loop and EMA loop. Ours is the shipped
-step itself, :func:`dino_nb.engine.train_step` on a :func:`~dino_nb.engine.build_run` of the
+step itself, :func:`dino_nb.step.train_step` on a :func:`~dino_nb.step.build_run` of the
 ``imagenette`` preset (the config's clip of 3, its schedules, last layer not frozen: the
 steady state after the first epoch): uint8 crops normalised on the device, local crops at
 96 (the paper's), one backbone pass per resolution (``MultiCropWrapper``),
@@ -41,7 +41,7 @@ import torch
 from dino_nb.augment import normalize_uint8
 from dino_nb.config import preset
 from dino_nb.distributed import native_bf16, pick_device
-from dino_nb.engine import build_run, train_step
+from dino_nb.step import build_run, train_step
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).
 PEAK_FLOPS = {

@@ -9,7 +9,7 @@ start of ``gpu_check.sh``) is skipped and says so; the budget's end, or SIGTERM,
 running row and ends the check with what it measured. The header comes first: card, memory,
 compute capability, driver, torch, CUDA and cuDNN versions, then each row's estimate.
 
-Rows, most telling first (each runs :func:`dino_nb.engine.train_step` or
+Rows, most telling first (each runs :func:`dino_nb.step.train_step` or
 :func:`dino_nb.train.train`):
 
 1. ``step bf16`` / ``step fp16`` / ``step fp32``: one training step of ViT-S/16 at
@@ -24,7 +24,7 @@ Rows, most telling first (each runs :func:`dino_nb.engine.train_step` or
    steps after a warm-up. The set holds more steps than the run, and ``save_every`` and
    ``eval_every`` exceed it, so no checkpoint and no evaluation falls inside the timed steps
    (``train()`` still evaluates at its start and end and saves at its end, outside them).
-3. ``evaluation features``: :func:`dino_nb.evaluate.extract_features` (autocast), decoding
+3. ``evaluation features``: :func:`dino_nb.evaluation.extract_features` (autocast), decoding
    included: images/s.
 4. ``step + compile``: the mixed-precision step with ``compile=True``: compile time, then
    images/s. Last, as compiling takes minutes.
@@ -67,11 +67,12 @@ from torchvision.datasets import ImageFolder
 
 from dino_nb.augment import normalize_uint8
 from dino_nb.config import TrainConfig, preset
-from dino_nb.data import make_loader, plain_transform, rgb_loader
+from dino_nb.datasets import plain_transform, rgb_loader
 from dino_nb.distributed import native_bf16, resolve_precision
-from dino_nb.engine import build_run, default_num_workers, train_step
-from dino_nb.evaluate import extract_features
-from dino_nb.models import build_backbone
+from dino_nb.evaluation import extract_features
+from dino_nb.loader import default_num_workers, make_loader
+from dino_nb.model import build_backbone
+from dino_nb.step import build_run, train_step
 from dino_nb.train import train
 
 COLUMNS = ("row", "images/s", "peak GiB", "GFLOP/step", "MFU", "s (est.)", "note")

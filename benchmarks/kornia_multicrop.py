@@ -1,9 +1,9 @@
 """The contender of ``bench_gpu_augment.py``: :class:`GPUMultiCrop`'s views from ``kornia.augmentation``.
 
 Not a benchmark, and not used by the package: the closest ``kornia.augmentation`` (0.9)
-pipeline to :class:`dino_nb.gpu_augment.GPUMultiCrop`, with the same arguments, the same
+pipeline to :class:`dino_nb.fast.crops.GPUMultiCrop`, with the same arguments, the same
 call (``aug(images_uint8, generator)``), :meth:`KorniaMultiCrop.views` returning the same
-:class:`~dino_nb.gpu_augment.ViewParams`, and the paper's probabilities from
+:class:`~dino_nb.fast.crops.ViewParams`, and the paper's probabilities from
 :mod:`dino_nb.augment`. Per view kind, on float images in [0, 1]:
 
 ``RandomResizedCrop`` (``cropping_mode="resample"``: one batched warp, no per-sample loop),
@@ -47,7 +47,7 @@ from dino_nb.augment import (
     DataAugmentation,
     MultiCropSettings,
 )
-from dino_nb.gpu_augment import ViewParams
+from dino_nb.fast.crops import ViewParams
 
 #: Taps of the blur kernel: three standard deviations of the widest blur on each side.
 KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
@@ -101,7 +101,7 @@ def _params(kind: str, mods: nn.ModuleList) -> ViewParams:
 
 
 class KorniaMultiCrop(MultiCropSettings):
-    """:class:`~dino_nb.gpu_augment.GPUMultiCrop`'s arguments and call, built on ``kornia.augmentation``."""
+    """:class:`~dino_nb.fast.crops.GPUMultiCrop`'s arguments and call, built on ``kornia.augmentation``."""
 
     _repr_extra = ("out_dtype",)
 

@@ -10,12 +10,16 @@ import importlib
 from typing import Any
 
 from .augment import DataAugmentation, denormalize, normalize_uint8
-from .head import DINOHead, Head
 from .loss import DINOLoss, Loss
-from .models import backbone_from_checkpoint, build_backbone, build_student_teacher
-from .multicrop import MultiCropWrapper
-from .optim import clip_gradients
-from .schedules import cosine_schedule, linear_warmup_schedule
+from .model import (
+    DINOHead,
+    Head,
+    MultiCropWrapper,
+    backbone_from_checkpoint,
+    build_backbone,
+    build_student_teacher,
+)
+from .step import clip_gradients, cosine_schedule, linear_warmup_schedule
 
 __version__ = "0.1.0"
 

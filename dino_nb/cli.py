@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import GROUPS, PRESETS, TrainConfig, preset
-from .data import imagenette_available
+from .datasets import imagenette_available
 
 #: The tutorial's option names for config fields: field -> extra option strings.
 TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .config import TrainConfig
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -174,3 +176,8 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def single_process(cfg: TrainConfig) -> DistInfo:
+    """One process on ``cfg.device``: what a notebook or a benchmark runs as."""
+    return DistInfo(0, 1, 0, pick_device(cfg.device))

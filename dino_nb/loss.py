@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -191,3 +192,184 @@ def sinkhorn_knopp(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
 
 #: The tutorial's name for :class:`DINOLoss`.
 Loss = DINOLoss
+
+
+# --------------------------------------------------------------------------- koleo
+
+
+def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean negative log distance from each embedding to its nearest other one, after L2 norm.
+
+    Args:
+        embeddings: ``(n_samples, dim)`` backbone embeddings of one view, ``n_samples >= 2``.
+        eps: keeps the logarithm finite when two embeddings coincide.
+
+    Returns:
+        a float32 scalar; the gradient moves every embedding away from its nearest neighbour.
+        Float32 under autocast too: half precision cannot tell apart the cosines of a
+        crowded batch (they differ by less than fp16's 2^-11 near 1).
+
+    Raises:
+        ValueError: for fewer than 2 samples (no neighbour) or a tensor that is not 2-D.
+    """
+    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        raise ValueError(
+            f"koleo_loss needs (n_samples >= 2, dim) embeddings, got {tuple(embeddings.shape)}"
+        )
+    # autocast would run the matmul in half precision and pick a wrong neighbour for most
+    # rows of a crowded batch (97% of them in tests/test_koleo.py's setting, 20 seeds)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x = F.normalize(embeddings.float(), dim=-1, eps=eps)  # (n, dim) on the unit sphere
+        with torch.no_grad():  # which neighbour is nearest is a choice, not a function to learn
+            similarity = x @ x.t()  # (n, n); the largest cosine is the smallest distance
+            similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+            nearest = similarity.argmax(dim=1)  # (n,)
+        distances = (x - x[nearest]).norm(dim=-1)  # (n,)
+        return -torch.log(distances + eps).mean()
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of ``probs`` ``(n_samples, K)``; returns ``(n_samples,)``."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+def kl_divergence(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per row, from probabilities ``p`` and log-probabilities ``log_q``, each ``(n, K)``."""
+    return (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=-1)
+
+
+@torch.no_grad()
+def mean_entropy(teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean per-sample entropy of the teacher's output over all views: a 0-dim tensor.
+
+    Args:
+        teacher_probs: one ``(n_samples, K)`` tensor per teacher view.
+    """
+    return entropy(torch.cat(list(teacher_probs))).mean()  # cat: (n_views * n_samples, K)
+
+
+@torch.no_grad()
+def batch_mean_entropy(teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Entropy of the teacher's output averaged over samples and views: a 0-dim tensor.
+
+    On one rank's batch: with ``n`` samples it cannot exceed ``log(min(n * n_views, K))``.
+
+    Args:
+        teacher_probs: one ``(n_samples, K)`` tensor per teacher view.
+    """
+    return entropy(torch.cat(list(teacher_probs)).mean(dim=0))  # mean: (K,)
+
+
+@torch.no_grad()
+def teacher_student_kl(
+    teacher_probs: Sequence[torch.Tensor], student_log_probs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Mean ``KL(P_t || P_s)`` over the loss's pairs: every teacher view ``t``, student view ``s != t``.
+
+    Args:
+        teacher_probs: one ``(n_samples, K)`` tensor per teacher (global) view.
+        student_log_probs: one ``(n_samples, K)`` tensor per student view, global views first,
+            e.g. ``F.log_softmax(s.float() / loss.student_temp, dim=-1)``.
+
+    Returns:
+        a 0-dim tensor.
+    """
+    kls = [
+        kl_divergence(p_t, log_p_s).mean()
+        for t, p_t in enumerate(teacher_probs)
+        for s, log_p_s in enumerate(student_log_probs)
+        if s != t
+    ]
+    if not kls:
+        raise ValueError(
+            f"no (teacher, student) pairs: {len(teacher_probs)} teacher and {len(student_log_probs)} student views"
+        )
+    return torch.stack(kls).mean()
+
+
+@torch.no_grad()
+def collapse_signals(
+    teacher_probs: Sequence[torch.Tensor], loss: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The three signals of one step, as 0-dim tensors (no device sync), the KL from the loss.
+
+    Args:
+        teacher_probs: ``loss_fn.teacher_probs(teacher_output)``, taken *before* the loss's
+            forward updates the center, so that they are the targets the loss used.
+        loss: that step's DINO loss (a 0-dim tensor).
+
+    Returns:
+        ``{"teacher_entropy", "batch_entropy", "kl"}``; ``kl = loss - teacher_entropy``.
+    """
+    h = mean_entropy(teacher_probs)
+    return {
+        "teacher_entropy": h,
+        "batch_entropy": batch_mean_entropy(teacher_probs),
+        "kl": loss.detach() - h,
+    }
+
+
+class CollapseMonitor:
+    """Watches logged values and warns, once, when training looks collapsed, saying what to try.
+
+    Both checks wait until ``warmup_steps`` (at initialisation the loss is near ``log K`` and
+    a random ViT maps every image to nearly the same feature, so both look collapsed) and
+    need ``patience`` logged values in a row, so that one noisy value does not fire.
+
+    Args:
+        out_dim: K, the number of prototypes.
+        warmup_steps: steps before which nothing is judged (e.g. the lr warmup's length).
+        patience: consecutive logged values that must all look collapsed.
+        uniform_fraction: the loss counts as "stuck at log K" above this fraction of it. A
+            healthy loss leaves ``log K`` during the warmup; uniform outputs keep it there.
+        min_batch_entropy: nats; below it the batch-mean entropy counts as collapsed: 0.5
+            means fewer than ``e^0.5 = 1.65`` prototypes in use by the whole batch.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        warmup_steps: int = 0,
+        patience: int = 10,
+        uniform_fraction: float = 0.9,
+        min_batch_entropy: float = 0.5,
+    ) -> None:
+        if out_dim < 2 or patience < 1 or not 0 < uniform_fraction < 1 or min_batch_entropy < 0:
+            raise ValueError(
+                f"need out_dim >= 2, patience >= 1, 0 < uniform_fraction < 1, min_batch_entropy >= 0; got "
+                f"{out_dim}, {patience}, {uniform_fraction}, {min_batch_entropy}"
+            )
+        self.log_k, self.warmup_steps, self.patience = math.log(out_dim), warmup_steps, patience
+        self.uniform_fraction, self.min_batch_entropy = uniform_fraction, min_batch_entropy
+        self.fired = False
+        self._uniform_run = self._one_hot_run = 0  # consecutive collapsed-looking values
+
+    def update(self, step: int, loss: float, batch_entropy: float | None = None) -> str | None:
+        """Feed one logged step; returns a warning the first time a collapse is detected, else None."""
+        if step < self.warmup_steps or self.fired:
+            return None
+        self._uniform_run = (
+            self._uniform_run + 1 if loss > self.uniform_fraction * self.log_k else 0
+        )
+        low = batch_entropy is not None and batch_entropy < self.min_batch_entropy
+        self._one_hot_run = self._one_hot_run + 1 if low else 0
+        if self._uniform_run >= self.patience:
+            self.fired = True
+            return (
+                f"step {step}: the loss has stayed above {self.uniform_fraction:.0%} of log K = "
+                f"{self.log_k:.2f} for {self.patience} logged values: the teacher's outputs are uniform "
+                "(centering dominates). Try a lower --teacher-temp / --warmup-teacher-temp, and check "
+                "that the learning rate is not ~0 (--base-lr, the warmup)."
+            )
+        if self._one_hot_run >= self.patience:
+            self.fired = True
+            return (
+                f"step {step}: the batch-mean teacher entropy has stayed below {self.min_batch_entropy} nats "
+                f"for {self.patience} logged values: every sample is on the same prototype (sharpening "
+                "dominates). Try a longer --warmup-teacher-temp-epochs or a higher --warmup-teacher-temp, a "
+                "lower --center-momentum (a faster center), or a lower --base-lr."
+            )
+        return None

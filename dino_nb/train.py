@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .budget import TimeBudget
+from .books import TimeBudget
 from .config import TrainConfig, validate
-from .data import make_loader, projector_subset
+from .datasets import projector_subset
 from .distributed import (
     DistInfo,
     agree,
@@ -39,20 +39,17 @@ from .distributed import (
     setup,
     teardown,
 )
-from .engine import (
-    Run,
+from .evaluation import make_evaluator
+from .loader import (
     TrainingData,
-    build_run,
     build_training_data,
     decide_gpu_augment,
     loader_workers,
-    seed_everything,
-    train_step,
+    make_loader,
 )
-from .evaluate import make_evaluator
-from .memory import memory_estimate
-from .schedules import Schedules
-from .signals import CollapseMonitor
+from .loss import CollapseMonitor
+from .step import Run, Schedules, build_run, seed_everything, train_step
+from .tools.memory import memory_estimate
 
 #: Fields that must agree between a checkpoint and the run that resumes it.
 _RESUME_MUST_MATCH = (
@@ -574,8 +571,8 @@ class _Logger:
     def projector(self, backbone: nn.Module, bundle: Any, cfg: TrainConfig, step: int) -> None:
         if self.writer is None:
             return
-        from .evaluate import compute_embedding
-        from .viz import write_projector
+        from .evaluation import compute_embedding
+        from .notebook.figures import write_projector
 
         per_class = max(1, cfg.projector_size // len(bundle.classes))
         loader = make_loader(projector_subset(bundle.val_plain, per_class), cfg.batch_size_eval)

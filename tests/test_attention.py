@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dino_nb.attention import (
+from dino_nb.model import build_backbone
+from dino_nb.notebook.attention import (
     cls_attention_maps,
     embeds_class_token,
     last_block_attention,
@@ -9,7 +10,6 @@ from dino_nb.attention import (
     threshold_mask,
     upsample,
 )
-from dino_nb.models import build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,7 @@ def test_upsample():
 
 
 def test_accepts_multicrop_wrapper(vit):
-    from dino_nb.head import Head
-    from dino_nb.multicrop import MultiCropWrapper
+    from dino_nb.model import Head, MultiCropWrapper
 
     x = torch.randn(1, 3, 32, 32)
     wrapped = MultiCropWrapper(vit, Head(vit.num_features, 8, 16, 4, 2))

@@ -136,7 +136,7 @@ def assert_no_errors(page, name):
 
 def assert_crop_boxes_drawn(src, n_views):
     """The figure's left part (the original) holds both global boxes' colours (edges and labels)."""
-    from dino_nb.viz import class_colors
+    from dino_nb.notebook.figures import class_colors
 
     rgb = png_from_data_url(src)  # (H, W, 3)
     assert rgb.shape[1] > 2 * rgb.shape[0], (

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dino_nb.budget import TimeBudget
+from dino_nb.books import TimeBudget
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from dino_nb.collapse import (  # noqa: E402
+from dino_nb.notebook.collapse import (  # noqa: E402
     SETTINGS,
     CollapseSetting,
     collapse_figure,
@@ -83,7 +83,7 @@ def test_run_setting_dtype():
 
 _TAILS = """
 import sys, torch
-from dino_nb.collapse import SETTINGS, run_setting
+from dino_nb.notebook.collapse import SETTINGS, run_setting
 torch.set_num_threads(1)
 r = run_setting(SETTINGS[3], steps=int(sys.argv[1]))
 print(*(f"{sum(xs[-20:]) / 20:.2f}" for xs in (r.entropy, r.batch_entropy, r.kl)))

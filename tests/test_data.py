@@ -5,8 +5,10 @@ import pytest
 import torch
 from fixtures_data import MINI, WNIDS, make_folder, make_imagenette_like, write_image
 
-from dino_nb import data as D
+from dino_nb import datasets as D
+from dino_nb import loader
 from dino_nb.augment import DataAugmentation
+from dino_nb.tools import data as data_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,9 +126,9 @@ def test_resolve_nested_path_and_errors(tmp_path):
 
 def test_cli_find(tmp_path, capsys):
     root = make_imagenette_like(tmp_path / "x" / "imagenette2-320")
-    assert D.main(["--find", str(tmp_path)]) == 0
+    assert data_cli.main(["--find", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(root)
-    assert D.main(["--find", str(tmp_path / "none")]) == 2
+    assert data_cli.main(["--find", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ImageNette not found") and err.count("\n") == 1
 
@@ -280,7 +282,7 @@ def test_collate_crops():
         ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1),
         ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 0),
     ]
-    crops, labels = D.collate_crops(batch)
+    crops, labels = loader.collate_crops(batch)
     assert crops[0].shape == (2, 3, 4, 4) and crops[1].shape == (2, 3, 2, 2)
     assert crops[0][1].sum() == 48 and labels.tolist() == [1, 0]
 
@@ -304,12 +306,12 @@ def test_imagenette_mini_through_the_real_path():
     assert root == MINI and D.is_imagenette_root(root)
     bundle = D.build_datasets(root, tiny_aug(64), 48)
     assert bundle.classes == list(WNIDS) and bundle.names[0] == "tench" and bundle.unreadable == {}
-    train = D.make_loader(bundle.train_aug, 8, shuffle=True, collate_fn=D.collate_crops)
+    train = loader.make_loader(bundle.train_aug, 8, shuffle=True, collate_fn=loader.collate_crops)
     crops, y = next(iter(train))
     assert crops[0].shape == (8, 3, 64, 64) and crops[-1].shape == (8, 3, 32, 32)
     projector = D.projector_subset(bundle.val_plain, 2)
     for ds in (bundle.train_plain, bundle.val_plain, projector):
-        x, y = next(iter(D.make_loader(ds, 8)))
+        x, y = next(iter(loader.make_loader(ds, 8)))
         assert x.shape == (8, 3, 48, 48) and torch.isfinite(x).all()
     assert len(projector) == 20
 

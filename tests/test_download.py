@@ -12,8 +12,9 @@ from fixtures_data import (
     tar_with,
 )
 
-from dino_nb import download as dl
-from dino_nb.data import find_imagenette, main
+from dino_nb.datasets import find_imagenette
+from dino_nb.tools import download as dl
+from dino_nb.tools.data import main
 
 PAYLOAD = bytes(range(256)) * 1000  # 256 kB: one read
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from fixtures_data import write_image
 
-from dino_nb import embed as E
 from dino_nb.checkpoint import save_atomic
 from dino_nb.config import preset
-from dino_nb.data import DataWarning
-from dino_nb.models import student_teacher_from_config
+from dino_nb.datasets import DataWarning
+from dino_nb.model import student_teacher_from_config
+from dino_nb.tools import embed as E
 
 TINY_MODEL = dict(
     model="vit_tiny_patch16_224",
@@ -208,7 +208,7 @@ def test_pretrained_timm_name_that_cannot_download_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """No network in the tests: the download is replaced by the error it raises offline."""
-    import dino_nb.models as models
+    import dino_nb.model as models
 
     def offline(name: str, pretrained: bool = False, **kwargs):
         assert pretrained

@@ -8,18 +8,18 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from dino_nb.checkpoint import save_atomic
-from dino_nb.evaluate import (
+from dino_nb.evaluation import (
     autocast_dtype,
     extract_features,
     inference,
     knn_sweep,
     linear_probe,
-    main,
     nearest_neighbours,
     sklearn_knn_topk,
     weighted_knn,
     weighted_knn_votes,
 )
+from dino_nb.tools.evaluate import main
 
 
 def separable(n_per_class=20, n_classes=4, dim=16, seed=0, noise=0.3):
@@ -203,10 +203,8 @@ def test_autocast_dtype():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from dino_nb.head import Head
-    from dino_nb.models import build_backbone
-    from dino_nb.multicrop import MultiCropWrapper
-    from dino_nb.synthetic import generate
+    from dino_nb.model import Head, MultiCropWrapper, build_backbone
+    from dino_nb.shapes import generate
 
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
@@ -290,15 +288,14 @@ def test_cli_module_exit_code(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2
-    # runpy warns when the package __init__ already imported dino_nb.evaluate; that line is
+    # runpy warns when the package __init__ already imported dino_nb.evaluation; that line is
     # the package's business, the CLI's own output is one clean line
     lines = [line for line in r.stderr.splitlines() if not line.startswith("<frozen runpy>")]
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint not found"), r.stderr
 
 
 def test_extract_features_unwraps_multicrop_wrapper():
-    from dino_nb.head import Head
-    from dino_nb.multicrop import MultiCropWrapper
+    from dino_nb.model import Head, MultiCropWrapper
 
     model = Linear2()
     loader = DataLoader(
@@ -312,7 +309,7 @@ def test_extract_features_unwraps_multicrop_wrapper():
 
 
 def test_twin_retrieval_against_a_hand_worked_example():
-    from dino_nb.evaluate import twin_retrieval
+    from dino_nb.evaluation import twin_retrieval
 
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     b = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.0, 1.0]])
@@ -338,8 +335,8 @@ class _Collapsed(torch.nn.Module):
 def test_view_agreement_is_chance_for_a_collapsed_model_and_repeatable(tmp_path):
     from fixtures_data import write_image
 
-    from dino_nb.data import ImageFiles, plain_transform
-    from dino_nb.evaluate import view_agreement
+    from dino_nb.datasets import ImageFiles, plain_transform
+    from dino_nb.evaluation import view_agreement
 
     for i in range(12):
         write_image(tmp_path / f"{i}.png", size=(40, 40), fmt="PNG", seed=i)

@@ -10,8 +10,8 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from dino_nb import explore  # noqa: E402
-from dino_nb.explore import (  # noqa: E402
+from dino_nb.notebook import explore  # noqa: E402
+from dino_nb.notebook.explore import (  # noqa: E402
     Profile,
     attention_explorer,
     crop_explorer,
@@ -99,13 +99,13 @@ def test_training_config_per_profile(monkeypatch):
     def missing(*a, **k):
         raise FileNotFoundError("no")
 
-    monkeypatch.setattr("dino_nb.data.find_imagenette", missing)
+    monkeypatch.setattr("dino_nb.datasets.find_imagenette", missing)
     cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
     assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
     assert cpu.data == base.data
     gpu = training_config(Profile("gpu", "local", "cuda"), "o")
     assert gpu.device == "cuda" and gpu.data == base.data
-    monkeypatch.setattr("dino_nb.data.find_imagenette", lambda *a, **k: Path("x"))
+    monkeypatch.setattr("dino_nb.datasets.find_imagenette", lambda *a, **k: Path("x"))
     photos = training_config(Profile("cpu", "local", "cpu"), "o")
     recipe = preset("cpu-photos")
     assert photos.data == "imagenette" and photos.use_bn_in_head and photos.minutes == 15
@@ -321,7 +321,7 @@ def test_finished_run_compares_settings_not_places(tmp_path):
 
 def test_training_plan_states_the_budget_or_the_epochs() -> None:
     from dino_nb.config import preset
-    from dino_nb.explore import training_plan
+    from dino_nb.notebook.explore import training_plan
 
     timed = training_plan(preset("t4", minutes=20.0, out="runs/x", device="cpu"), 74)
     assert "at most 20 minutes" in timed and "resumes from runs/x" in timed

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-import dino_nb.gpu_augment as ga
+import dino_nb.fast.crops as ga
 from dino_nb.augment import DataAugmentation, random_resized_box
-from dino_nb.gpu_augment import (
+from dino_nb.fast.crops import (
     DecodeResize,
     GPUMultiCrop,
     adjust_brightness,

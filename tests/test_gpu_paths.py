@@ -16,15 +16,16 @@ import torch
 from test_train import tiny_config, tiny_data  # noqa: F401 - the fixture is used by name
 
 import dino_nb.distributed as distributed
-import dino_nb.engine as engine
+import dino_nb.loader as loader
 import dino_nb.train as train_module
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.config import preset
 from dino_nb.distributed import DistInfo, allow_tf32, native_bf16, resolve_precision
-from dino_nb.engine import build_run, decide_gpu_augment, default_num_workers
-from dino_nb.evaluate import autocast_dtype
-from dino_nb.memory import memory_estimate
-from dino_nb.models import student_teacher_from_config
+from dino_nb.evaluation import autocast_dtype
+from dino_nb.loader import decide_gpu_augment, default_num_workers
+from dino_nb.model import student_teacher_from_config
+from dino_nb.step import build_run
+from dino_nb.tools.memory import memory_estimate
 from dino_nb.train import TrainResult, train
 
 CUDA = torch.device("cuda", 0)
@@ -135,7 +136,7 @@ def test_loader_workers_share_the_cores_among_local_ranks(
     monkeypatch: pytest.MonkeyPatch, cores: int, local_world: int, expected: int
 ) -> None:
     """Colab (2 cores) 1 worker, Kaggle (4) 3, torchrun's ranks split the cores (one each kept)."""
-    monkeypatch.setattr(engine, "_cores", lambda: cores)
+    monkeypatch.setattr(loader, "_cores", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     assert default_num_workers(CUDA) == expected
     assert default_num_workers(CUDA, local_world_size=local_world) == expected
@@ -159,7 +160,7 @@ def test_gpu_augment_decision_is_kept_by_a_resume(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Decided once, printed once with the reason; a resumed run keeps the saved decision."""
-    monkeypatch.setattr(engine, "_cores", lambda: 2)
+    monkeypatch.setattr(loader, "_cores", lambda: 2)
     info = DistInfo(0, 1, 0, CUDA)
     fresh = train_module._decide_data_path(preset("t4"), info, saved=None)
     assert fresh.gpu_augment is True
@@ -174,7 +175,7 @@ def test_gpu_augment_decision_is_kept_by_a_resume(
 
 def test_build_training_data_decides_auto_itself(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
     """Notebooks and benchmarks call ``build_training_data`` with ``auto``: off on the CPU."""
-    data = engine.build_training_data(tiny_config(tiny_data, tmp_path / "run"))
+    data = loader.build_training_data(tiny_config(tiny_data, tmp_path / "run"))
     assert data.gpu_aug is None
 
 

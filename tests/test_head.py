@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dino_nb.head import Head
+from dino_nb.model import Head
 
 
 def make_head(**kwargs) -> Head:

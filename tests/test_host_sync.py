@@ -6,7 +6,7 @@ waits until the GPU has run everything queued; ``.item()``, ``.tolist()``, ``boo
 the next step while the GPU works. A CPU-only machine cannot see the wait, so these tests
 count the calls instead: every Python entry point that makes a tensor from Python numbers
 or reads one back is wrapped by a counter while a second iteration runs (the first may
-build constants once per device). :class:`~dino_nb.gpu_augment.GPUMultiCrop` runs the
+build constants once per device). :class:`~dino_nb.fast.crops.GPUMultiCrop` runs the
 branch it takes on an accelerator (on the CPU it may skip work by reading masks, as syncs
 cost nothing there).
 """
@@ -22,10 +22,11 @@ import pytest
 import torch
 from test_train import TINY  # the tiny ViT and run of the engine's tests
 
-import dino_nb.gpu_augment as ga
+import dino_nb.fast.crops as ga
 from dino_nb.config import preset
-from dino_nb.engine import build_run, build_training_data, train_step
-from dino_nb.synthetic import generate
+from dino_nb.loader import build_training_data
+from dino_nb.shapes import generate
+from dino_nb.step import build_run, train_step
 
 #: Frames in these folders are torch's own (e.g. AdamW reads its step count, a CPU tensor).
 LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch,))

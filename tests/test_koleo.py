@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dino_nb.koleo import koleo_loss
-from dino_nb.multicrop import MultiCropWrapper
+from dino_nb.loss import koleo_loss
+from dino_nb.model import MultiCropWrapper
 
 
 def test_equals_hand_computation_on_a_circle():

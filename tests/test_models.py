@@ -7,9 +7,14 @@ import torch
 from timm.layers import DropPath
 
 from dino_nb.checkpoint import save_atomic
-from dino_nb.head import Head
-from dino_nb.models import backbone_from_checkpoint, build_backbone, build_student_teacher, is_vit
-from dino_nb.multicrop import MultiCropWrapper
+from dino_nb.model import (
+    Head,
+    MultiCropWrapper,
+    backbone_from_checkpoint,
+    build_backbone,
+    build_student_teacher,
+    is_vit,
+)
 
 TINY = dict(img_size=32, patch_size=8, depth=1)
 
@@ -114,7 +119,7 @@ def test_student_teacher_from_config_uses_every_head_field():
     from dataclasses import replace
 
     from dino_nb.config import preset
-    from dino_nb.models import student_teacher_from_config, unwrap_backbone
+    from dino_nb.model import student_teacher_from_config, unwrap_backbone
 
     cfg = replace(
         preset("cpu"),

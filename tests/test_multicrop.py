@@ -4,9 +4,7 @@ import pytest
 import timm
 import torch
 
-from dino_nb.head import Head
-from dino_nb.models import build_backbone
-from dino_nb.multicrop import MultiCropWrapper, resolution_groups
+from dino_nb.model import Head, MultiCropWrapper, build_backbone, resolution_groups
 
 
 @pytest.fixture(scope="module")

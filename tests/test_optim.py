@@ -4,10 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dino_nb.head import Head
-from dino_nb.models import build_backbone
-from dino_nb.multicrop import MultiCropWrapper
-from dino_nb.optim import cancel_gradients, clip_gradients, ema_update, param_groups
+from dino_nb.model import Head, MultiCropWrapper, build_backbone
+from dino_nb.step import cancel_gradients, clip_gradients, ema_update, param_groups
 
 
 def model_with_grads(norms):

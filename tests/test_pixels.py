@@ -7,11 +7,11 @@ import pytest
 import torch
 from fixtures_data import MINI, make_folder, write_image
 
-import dino_nb.pixels as px
+import dino_nb.fast.cache as px
 from dino_nb.augment import DataAugmentation
-from dino_nb.data import DataWarning, RobustImageFolder, make_loader
-from dino_nb.gpu_augment import DecodeResize
-from dino_nb.sampling import TrainSampler
+from dino_nb.datasets import DataWarning, RobustImageFolder
+from dino_nb.fast.crops import DecodeResize
+from dino_nb.loader import TrainSampler, make_loader
 
 
 @pytest.fixture

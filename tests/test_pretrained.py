@@ -16,8 +16,8 @@ import pytest
 import timm
 import torch
 
-import dino_nb.models as models
-from dino_nb import pretrained as P
+import dino_nb.model as models
+from dino_nb.tools import pretrained as P
 
 NAME = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}

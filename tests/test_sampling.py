@@ -6,7 +6,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dino_nb.augment import DataAugmentation
-from dino_nb.sampling import SeededDataset, TrainSampler, sample_seed
+from dino_nb.loader import SeededDataset, TrainSampler, sample_seed
 
 
 def batches(sampler, batch_size):

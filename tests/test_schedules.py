@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dino_nb.schedules import cosine_schedule, linear_warmup_schedule
+from dino_nb.step import cosine_schedule, linear_warmup_schedule
 
 # base 1.0 -> final 0.1 over 5 epochs of 4 iterations, 2 warmup epochs from 0.05
 BASE, FINAL, START = 1.0, 0.1, 0.05
@@ -131,7 +131,7 @@ def _recipe(**overrides):
 
 
 def test_schedules_equal_the_official_arrays_over_the_recipe():
-    from dino_nb.schedules import Schedules
+    from dino_nb.step import Schedules
 
     cfg = _recipe()
     n_per_epoch, batch = 7, 128
@@ -154,7 +154,7 @@ def test_schedules_equal_the_official_arrays_over_the_recipe():
 
 def test_schedules_stretch_with_the_step_count():
     """A time budget's step count keeps the recipe's shape: every phase is the same fraction."""
-    from dino_nb.schedules import Schedules
+    from dino_nb.step import Schedules
 
     cfg = _recipe()
     short, long = Schedules(cfg, 100, 256), Schedules(cfg, 1000, 256)

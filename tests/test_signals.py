@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_nb.loss import Loss
-from dino_nb.signals import (
+from dino_nb.loss import (
     CollapseMonitor,
+    Loss,
     batch_mean_entropy,
     collapse_signals,
     entropy,

@@ -18,10 +18,11 @@ import torch
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.config import preset
 from dino_nb.distributed import DistInfo, resolve_precision
-from dino_nb.engine import build_run, build_training_data, seed_everything, train_step
+from dino_nb.loader import build_training_data
 from dino_nb.loss import Loss
-from dino_nb.models import student_teacher_from_config
-from dino_nb.synthetic import generate
+from dino_nb.model import student_teacher_from_config
+from dino_nb.shapes import generate
+from dino_nb.step import build_run, seed_everything, train_step
 from dino_nb.train import NonFiniteLossError, export_backbone, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,7 +343,7 @@ def test_koleo_weight_moves_the_student_but_not_the_reported_loss(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     """The step descends DINO + w * KoLeo of the two global views; it reports the DINO loss."""
-    from dino_nb.koleo import koleo_loss
+    from dino_nb.loss import koleo_loss
 
     outs, students = {}, {}
     for weight in (0.0, 0.5):
@@ -609,7 +610,7 @@ def test_unlabelled_nested_folder_trains_scores_views_and_resumes(
 
 def test_time_steps_counts_the_steps_after_the_warmup(tiny_data: Path, tmp_path: Path) -> None:
     """Each iteration reads the clock twice; the warm-up's (slow) iterations are left out."""
-    from dino_nb.engine import time_steps
+    from dino_nb.tools.timing import time_steps
 
     cfg = tiny_config(tiny_data, tmp_path / "run")
     readings = iter([0.0, 9.0, 10.0, 19.0] + [t for i in range(3) for t in (20.0 + i, 20.5 + i)])

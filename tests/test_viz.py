@@ -11,8 +11,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dino_nb import viz
 from dino_nb.augment import DataAugmentation
+from dino_nb.notebook import figures as viz
 
 
 def render(fig, n_axes):
@@ -57,7 +57,7 @@ def test_project_2d_small_sets_and_errors():
 
 
 def test_neighbours_grid(feats):
-    from dino_nb.evaluate import nearest_neighbours
+    from dino_nb.evaluation import nearest_neighbours
 
     x, y, imgs = feats
     sims, idx = nearest_neighbours(x, x[:2], k=3)
@@ -140,7 +140,7 @@ def test_write_projector_with_writer_denormalizes(tmp_path):
 
 def test_schedules_figure_draws_every_schedule_per_run():
     from dino_nb.config import preset
-    from dino_nb.schedules import Schedules
+    from dino_nb.step import Schedules
 
     cfg = preset("imagenette", epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3)
     fig = viz.schedules_figure({"a": Schedules(cfg, 100, 256), "b": Schedules(cfg, 40, 256)})

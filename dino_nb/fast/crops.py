@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-from .augment import (
+from ..augment import (
     BLUR_SIGMA,
     JITTER,
     P_BLUR,

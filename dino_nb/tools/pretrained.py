@@ -130,7 +130,7 @@ def load_paper_weights(
     """
     import timm
 
-    from .models import build_backbone
+    from ..model import build_backbone
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; the paper's ViT-S/16 is {PAPER_WEIGHTS!r}")
@@ -179,7 +179,7 @@ def _from_file(name: str, path: Path, **timm_kwargs: Any) -> nn.Module:
     PyTorch state_dict, not the npz that some default tags (``vit_tiny_patch16_224``) name;
     later timm assumes so for a file, timm 1.0.3 does not.
     """
-    from .models import build_backbone
+    from ..model import build_backbone
 
     overlay = {"file": str(path), "num_classes": 0, "custom_load": False}
     backbone = build_backbone(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)

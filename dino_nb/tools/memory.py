@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 GIB = 2**30
 #: Bytes of activations per token, per unit of width, per block, in 16-bit (Korthikanti et al.).
@@ -82,7 +82,7 @@ def memory_estimate(
         dtype: the autocast dtype (``None``: fp32, activations twice as large).
         device: a CUDA device whose total memory the estimate is compared with.
     """
-    from .models import student_teacher_from_config
+    from ..model import student_teacher_from_config
 
     shapes_only = replace(cfg, pretrained=False)  # no weights to fetch
     try:

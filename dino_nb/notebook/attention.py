@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import unwrap_backbone
+from ..model import unwrap_backbone
 
 
 def _last_attention(model: nn.Module) -> nn.Module:
@@ -77,7 +77,7 @@ def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor
         token order is the model's: prefix tokens (CLS first, then registers), then the
         patches row by row.
     """
-    from .evaluate import inference  # evaluate imports scikit-learn: only when maps are taken
+    from ..evaluation import inference  # evaluate imports scikit-learn: only when maps are taken
 
     model = unwrap_backbone(model)
     attn_module = _last_attention(model)

@@ -53,9 +53,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .augment import MultiCropSettings
-from .data import DataWarning
-from .gpu_augment import DecodeResize, GPUMultiCrop
+from ..augment import MultiCropSettings
+from ..datasets import DataWarning
+from .crops import DecodeResize, GPUMultiCrop
 
 #: Environment variable naming the fallback cache folder (default ``~/.cache/dino_nb``).
 CACHE_ENV = "DINO_NB_CACHE"

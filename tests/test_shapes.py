@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dino_nb import synthetic as S
+from dino_nb import shapes as S
 
 
 def files(root):

@@ -20,9 +20,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..augment import View, denormalize
+from ..step import Schedules
 from .attention import threshold_mask, upsample
-from .augment import View, denormalize
-from .schedules import Schedules
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
 

@@ -33,12 +33,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .head import Head
-from .loss import Loss
-from .multicrop import MultiCropWrapper
-from .optim import ema_update
-from .signals import batch_mean_entropy, mean_entropy, teacher_student_kl
-from .viz import new_figure
+from ..loss import Loss, batch_mean_entropy, mean_entropy, teacher_student_kl
+from ..model import Head, MultiCropWrapper
+from ..step import ema_update
+from .figures import new_figure
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
+from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
+from ..cli import auto_preset
+from ..config import PRESETS, TrainConfig, preset
+from ..distributed import pick_device
 from .attention import threshold_mask, upsample
-from .augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
-from .cli import auto_preset
-from .config import PRESETS, TrainConfig, preset
-from .distributed import pick_device
-from .viz import class_colors, new_figure, to_hwc, view_labels
+from .figures import class_colors, new_figure, to_hwc, view_labels
 
 ProfileName = Literal["ci", "cpu", "gpu"]
 #: The environment variable that forces a profile (the root ``conftest.py`` sets ``ci``).
@@ -205,7 +205,7 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         out: the run folder.
         **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
     """
-    from .data import imagenette_available
+    from ..datasets import imagenette_available
 
     values: dict[str, Any]
     if profile.name == "ci":
@@ -260,7 +260,7 @@ def finished_run(checkpoint: str | os.PathLike, cfg: TrainConfig) -> bool:
         checkpoint: a ``checkpoint.pth``; a missing file gives ``False``.
         cfg: the settings the caller would train with.
     """
-    from .checkpoint import load
+    from ..checkpoint import load
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -310,8 +310,8 @@ def sample_images(
         per_class: images per class.
         photos: include scikit-learn's sample photographs.
     """
-    from .data import class_names, find_imagenette, rgb_loader
-    from .synthetic import ensure_builtin_dataset
+    from ..datasets import class_names, find_imagenette, rgb_loader
+    from ..shapes import ensure_builtin_dataset
 
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
