@@ -9,6 +9,7 @@ classes under the official code's names.
 import importlib
 from typing import Any
 
+from . import fast  # noqa: F401, I001  registers the fast crop pipelines with the loader
 from .augment import DataAugmentation, denormalize, normalize_uint8
 from .loss import DINOLoss, Loss
 from .model import (

@@ -21,8 +21,6 @@ from .augment import DataAugmentation, normalize_uint8
 from .config import TrainConfig
 from .datasets import DatasetBundle, build_datasets
 from .distributed import DistInfo, single_process
-from .fast.cache import CachedCanvases, MultiCropCollate, WithSeeds
-from .fast.crops import DecodeResize, GPUMultiCrop
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -112,6 +110,28 @@ class SeededDataset(Dataset):
         return sample, target
 
 
+#: Makes a batch's crops on the device: ``(canvases (B, 3, C, C) uint8, generator) -> crops``.
+DeviceCrops = Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]]
+#: What a crop pipeline gives the loader: the train set, its collate function, device crops.
+PipelineParts = tuple[Dataset, Callable[..., Any] | None, DeviceCrops | None]
+
+#: The fast crop pipelines by name, besides the readable ``pil`` one: ``cache`` (photos decoded
+#: once into a pixel cache, crops cut in batches by the loader workers) and ``gpu`` (crops cut on
+#: the device). :mod:`dino_nb.fast` registers them when ``dino_nb`` is imported; the core only
+#: names them, so that it never imports the speed machinery.
+CROP_PIPELINES: dict[
+    str, Callable[[TrainConfig, DatasetBundle, DataAugmentation, DistInfo], PipelineParts]
+] = {}
+
+
+def register_crop_pipeline(
+    name: str,
+    build: Callable[[TrainConfig, DatasetBundle, DataAugmentation, DistInfo], PipelineParts],
+) -> None:
+    """Make ``build`` the pipeline that :func:`build_training_data` uses for ``name``."""
+    CROP_PIPELINES[name] = build
+
+
 @dataclass
 class TrainingData:
     """The data side of a run: datasets, the multi-crop loader and where crops are made.
@@ -120,13 +140,13 @@ class TrainingData:
         bundle: the datasets (augmented train, plain train and val).
         loader: multi-crop training batches.
         sampler: order and augmentation seeds of every epoch.
-        gpu_aug: crops made on the device (``--gpu-augment``), else ``None``.
+        gpu_aug: makes the crops on the device (``--gpu-augment``), else ``None``.
     """
 
     bundle: DatasetBundle
     loader: DataLoader
     sampler: TrainSampler
-    gpu_aug: GPUMultiCrop | None = None
+    gpu_aug: DeviceCrops | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -253,28 +273,11 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         blur_sigma=cfg.blur_sigma,
     )
     bundle = build_datasets(cfg.data, augmentation, cfg.global_size, strict=cfg.strict_data)
-    canvas = cfg.canvas_size or round(
-        cfg.global_size * 256 / 224
-    )  # crops are cut from a square canvas (by default as large as evaluation's resize)
-    gpu_aug, collate = None, collate_crops
-    if (
-        cfg.cache_pixels
-    ):  # decoded once into a uint8 cache; batches augmented as tensors in the worker
-        if info.enabled:  # rank 0 builds the cache, the others open it
-            if info.is_main:
-                CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress)
-            torch.distributed.barrier()
-        cached = CachedCanvases(bundle.train_plain, canvas, progress=cfg.progress and info.is_main)
-        if on_gpu:
-            gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
-            train_set = SeededDataset(cached)
-        else:
-            train_set, collate = WithSeeds(cached), MultiCropCollate(augmentation)
-    elif on_gpu:  # the CPU only decodes and resizes to a square canvas
-        gpu_aug, collate = GPUMultiCrop.from_augmentation(augmentation), None
-        train_set = SeededDataset(bundle.train_plain.with_transform(DecodeResize(canvas)))
+    pipeline = "gpu" if on_gpu else "cache" if cfg.cache_pixels else "pil"
+    if pipeline == "pil":  # the readable path: each worker runs DataAugmentation on PIL images
+        train_set, collate, device_crops = SeededDataset(bundle.train_aug), collate_crops, None
     else:
-        train_set = SeededDataset(bundle.train_aug)
+        train_set, collate, device_crops = CROP_PIPELINES[pipeline](cfg, bundle, augmentation, info)
     sampler = TrainSampler(len(train_set), cfg.batch_size, cfg.seed, info.rank, info.world_size)
     loader = make_loader(
         train_set,
@@ -286,7 +289,7 @@ def build_training_data(cfg: TrainConfig, info: DistInfo | None = None) -> Train
         pin_memory=info.device.type == "cuda",
         generator=torch.Generator(),
     )
-    return TrainingData(bundle, loader, sampler, gpu_aug)
+    return TrainingData(bundle, loader, sampler, device_crops)
 
 
 def collate_crops(

@@ -29,7 +29,7 @@ def part_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "init"
-    if len(parts) == 2:
+    if len(parts) == 2 and not (PACKAGE / parts[1]).is_dir():
         return "shim" if parts[1] in ENTRY_SHIMS else "core"
     return parts[1]
 
