@@ -112,6 +112,7 @@ def test_training_config_per_profile(monkeypatch):
     # the photo recipe, except for the embedding: the [CLS] token, whose attention notebook 05 shows
     assert photos.model_kwargs == {**recipe.model_kwargs, "global_pool": "token"}
     assert recipe.model_kwargs["global_pool"] == "avg"
+    assert photos == preset("cpu-photos-cls", out="o")  # the named preset, nothing on top
     import dino_nb.cli as cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
