@@ -205,18 +205,29 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
         out: the run folder.
         **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
     """
-    from .data import imagenette_available
-
     values: dict[str, Any] = {}
+    name = training_preset(profile)
     if profile.name == "ci":
         # a fixed step count, not the preset's time budget: the outputs must repeat on any CPU
-        values, name = {"eval_every": CI_EVAL_EVERY, "minutes": None}, "cpu"
-    else:
-        photos = imagenette_available()
-        name = auto_preset("imagenette" if photos else "builtin", profile.device, notebook=True)
-        if profile.name == "gpu":  # photos: a stated time, not the epochs; else cpu on the GPU
-            values = {"minutes": GPU_MINUTES} if photos else {"device": "cuda"}
+        values = {"eval_every": CI_EVAL_EVERY, "minutes": None}
+    elif profile.name == "gpu":  # photos: a stated time, not the epochs; else cpu on the GPU
+        values = {"device": "cuda"} if name == "cpu" else {"minutes": GPU_MINUTES}
     return preset(name, **{**values, "out": str(out), **overrides})
+
+
+def training_preset(profile: Profile) -> str:
+    """The preset :func:`training_config` starts from (``describe_preset`` says what it changes).
+
+    ``cpu`` in the ``ci`` profile; elsewhere the rule of ``--preset auto`` with the
+    notebooks' variants (:func:`dino_nb.cli.auto_preset`), ImageNette counting as photos when
+    it is found.
+    """
+    from .data import imagenette_available
+
+    if profile.name == "ci":
+        return "cpu"
+    data = "imagenette" if imagenette_available() else "builtin"
+    return auto_preset(data, profile.device, notebook=True)
 
 
 def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
