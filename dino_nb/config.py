@@ -339,14 +339,15 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"clip_grad must be >= 0 (0 turns it off), got {cfg.clip_grad}")
     if cfg.gpu_augment not in (True, False, "auto"):
         problems.append(f"gpu_augment must be true, false or 'auto', got {cfg.gpu_augment!r}")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        problems.append(f"unknown precision {cfg.precision!r}; use auto, fp32, bf16 or fp16")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown device {cfg.device!r}; use auto, cpu or cuda")
-    if cfg.precision == "fp16" and cfg.device == "cpu":
-        problems.append("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    for name, kind in (("precision", Precision), ("device", Device)):
+        if getattr(cfg, name) not in typing.get_args(kind):
+            problems.append(
+                f"{name} must be one of {typing.get_args(kind)}, got {getattr(cfg, name)!r}"
+            )
+    if cfg.precision == "fp16" and cfg.device == "cpu":  # device auto: resolve_precision checks
+        problems.append("precision fp16 needs a GPU (device is 'cpu'); use fp32 or bf16")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
-        problems.append(f"--resume checkpoint not found: {cfg.resume}")
+        problems.append(f"resume: checkpoint not found: {cfg.resume}")
     if problems:
         raise ValueError("; ".join(problems))
 
