@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", *PRESETS],
         help="starting configuration (default auto: on a GPU with photos 'imagenette', or 't4' on a "
-        "card of 16 GB or less; 'cpu-photos' on a CPU with photos; else 'cpu-quick'); see PRESETS "
-        "in dino_nb/config.py",
+        "card of 16 GB or less; 'cpu-photos' on a CPU with photos; else 'cpu-quick'); "
+        "--print-config shows what a preset changes and why",
     )
     p.add_argument(
         "--config", help="JSON file of TrainConfig fields, applied over the preset (options win)"
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved configuration as JSON and exit",
+        help="print what the preset changes and why, and what the options change on top of it "
+        "(on stderr), then the resolved configuration as JSON (on stdout), and exit",
     )
     p.add_argument(
         "--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint"
@@ -156,30 +157,47 @@ def gpu_memory_gib() -> float:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
-def auto_preset(data: str | None = None, device: str = "auto") -> str:
-    """The preset ``--preset auto`` picks, and the notebooks too: one rule for both.
+def auto_preset(data: str | None = None, device: str = "auto", notebook: bool = False) -> str:
+    """The preset ``--preset auto`` picks, and the notebooks too: the one rule for both.
 
-    * on a GPU with photos (``--data imagenette`` or a folder, or no ``--data`` and ImageNette
-      found): ``imagenette`` (ViT-S/16), or ``t4`` (ViT-Ti/16) on a card of at most
-      :data:`SMALL_GPU_GIB` GiB (a Kaggle or Colab T4, a P100);
-    * on a CPU with photos: ``cpu-photos``;
-    * otherwise (no photos, or ``--data builtin``): ``cpu-quick``, the built-in shapes in a
-      2-minute budget.
+    ============================  ============  ==============
+    what there is                 command line  notebooks
+    ============================  ============  ==============
+    no photos                     cpu-quick     cpu
+    photos, no GPU                cpu-photos    cpu-photos-cls
+    photos, a GPU of <= 16.5 GiB  t4            t4
+    photos, a larger GPU          imagenette    imagenette
+    ============================  ============  ==============
+
+    Photos: ``--data imagenette`` or a folder; with no ``--data``, ImageNette when it is found
+    and a GPU can use it (on a CPU the main job stays on the built-in shapes). The notebooks'
+    variants: ``cpu`` runs a fixed 372 steps (the same numbers on every machine),
+    ``cpu-photos-cls`` embeds with the [CLS] token (attention maps that mean something).
 
     Args:
         data: the ``--data`` value (``None``: not given).
         device: ``auto``, ``cpu`` or ``cuda``.
+        notebook: the notebooks' variants of the CPU presets.
     """
     on_gpu = torch.cuda.is_available() and device != "cpu"
-    if data == "builtin" or (data is None and not (on_gpu and imagenette_available())):
-        return "cpu-quick"
+    photos = data != "builtin" if data is not None else on_gpu and imagenette_available()
+    if not photos:
+        return "cpu" if notebook else "cpu-quick"
     if not on_gpu:
-        return "cpu-photos"
+        return "cpu-photos-cls" if notebook else "cpu-photos"
     return "t4" if gpu_memory_gib() <= SMALL_GPU_GIB else "imagenette"
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """Parse the command line into a :class:`TrainConfig` (and whether to only print it)."""
+class Command(NamedTuple):
+    """What the command line asks for."""
+
+    config: TrainConfig
+    print_only: bool  # --print-config: describe the configuration and exit
+    preset: str  # the preset it starts from (``auto`` resolved)
+
+
+def config_from_args(argv: list[str] | None = None) -> Command:
+    """Parse the command line into a :class:`TrainConfig`, whether to only print it, and its preset."""
     parser = build_parser()
     args = parser.parse_args(argv)
     auto = auto_preset(getattr(args, "data", None), getattr(args, "device", "auto"))
@@ -202,4 +220,4 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         if "resume" in vars(args):
             parser.error("--resume and --no-resume contradict each other")
         overrides["resume"] = "never"
-    return preset(name, **overrides), getattr(args, "print_config", False)
+    return Command(preset(name, **overrides), getattr(args, "print_config", False), name)

@@ -11,6 +11,7 @@ others never enter.
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
+from .config import Device, Precision, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,17 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     fp16 with a loss scaler on older ones (T4, P100, V100) and fp32 on the CPU.
     """
     device = torch.device(device)
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision not in typing.get_args(Precision):
+        raise ValueError(
+            f"unknown precision {precision!r}; use {', '.join(typing.get_args(Precision))}"
+        )
     if precision == "fp32":
         return None
-    if device.type == "cpu":
+    if device.type == "cpu":  # also where device "auto" found no GPU, which validate cannot know
         if precision == "fp16":
-            raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+            raise ValueError(
+                "precision fp16 needs a GPU, and this run is on the CPU; use fp32 or bf16"
+            )
         return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float16
@@ -96,8 +101,8 @@ def pick_device(requested: str) -> torch.device:
         raise ValueError(
             "--device cuda was asked for, but no CUDA GPU is available; use --device cpu"
         )
-    if requested not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")
+    if requested not in typing.get_args(Device):
+        raise ValueError(f"unknown device {requested!r}; use {', '.join(typing.get_args(Device))}")
     return torch.device(requested)
 
 

@@ -623,10 +623,12 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Entry point: train, print a summary; errors become one line on stderr and exit code 2."""
     from .cli import config_from_args
+    from .config import describe_preset
 
     try:
-        cfg, print_only = config_from_args(argv)
-        if print_only:
+        cfg, print_only, name = config_from_args(argv)
+        if print_only:  # the why on stderr, so that stdout stays JSON (--config takes it back)
+            print(describe_preset(name, cfg), file=sys.stderr)
             print(cfg.to_json())
             return 0
         result = train(cfg)

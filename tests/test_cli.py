@@ -57,7 +57,7 @@ def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
 @pytest.mark.parametrize("f", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
 def test_every_field_is_settable_from_the_command_line(f: dataclasses.Field) -> None:
     words, value = _non_default(f)
-    cfg, _ = config_from_args(["--preset", "imagenette", *words])
+    cfg = config_from_args(["--preset", "imagenette", *words])[0]
     assert getattr(cfg, f.name) == value
     assert type(getattr(cfg, f.name)) is type(value)
 
@@ -73,7 +73,7 @@ def test_every_field_has_help_and_a_group() -> None:
 
 
 def test_tutorial_short_options() -> None:
-    cfg, _ = config_from_args(
+    cfg = config_from_args(
         [
             "--preset",
             "imagenette",
@@ -94,7 +94,7 @@ def test_tutorial_short_options() -> None:
             "-c",
             "6",
         ]
-    )
+    )[0]
     assert (cfg.batch_size, cfg.device, cfg.eval_every, cfg.epochs, cfg.out_dim) == (
         16,
         "cpu",
@@ -104,12 +104,12 @@ def test_tutorial_short_options() -> None:
     )
     assert (cfg.tensorboard_dir, cfg.weight_decay, cfg.n_local_crops) == ("tb", 0.1, 4)
     assert set(TUTORIAL_ALIASES) <= {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg, _ = config_from_args(["--preset", "imagenette", "--logging-freq", "9", "--n-epochs", "31"])
+    cfg = config_from_args(["--preset", "imagenette", "--logging-freq", "9", "--n-epochs", "31"])[0]
     assert (cfg.eval_every, cfg.epochs) == (9, 31)
 
 
 def test_only_given_options_override_the_preset() -> None:
-    cfg, _ = config_from_args(["--preset", "cpu"])
+    cfg = config_from_args(["--preset", "cpu"])[0]
     from dino_nb.config import preset
 
     assert cfg == preset("cpu")
@@ -143,7 +143,7 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cli, "imagenette_available", lambda: True)
     assert config_from_args([])[0].data == "builtin"  # the main job stays on the built-in shapes
-    cfg, _ = config_from_args(["--data", str(tmp_path)])
+    cfg = config_from_args(["--data", str(tmp_path)])[0]
     assert cfg.data == str(tmp_path) and cfg == preset_of("cpu-photos", data=str(tmp_path))
     assert config_from_args(["--data", "builtin"])[0] == preset_of("cpu-quick")
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
@@ -159,6 +159,11 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 14.7)  # a Kaggle or Colab T4
     assert config_from_args([])[0] == preset_of("t4")
     assert cli.auto_preset("imagenette", "cuda") == "t4"  # the notebooks' choice is the same
+    assert cli.auto_preset("imagenette", "cuda", notebook=True) == "t4"
+    # the notebooks' variants of the CPU presets: a fixed step count, the [CLS] embedding
+    assert cli.auto_preset("builtin", "cuda", notebook=True) == "cpu"
+    assert cli.auto_preset("imagenette", "cpu", notebook=True) == "cpu-photos-cls"
+    assert cli.auto_preset("imagenette", "cpu") == "cpu-photos"
     monkeypatch.setattr(cli, "imagenette_available", lambda: False)
     assert config_from_args([])[0] == preset_of("cpu-quick")
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
@@ -186,7 +191,7 @@ def test_gpu_augment_takes_auto_on_off_and_the_no_spelling() -> None:
 
 
 def test_optional_fields_take_none() -> None:
-    cfg, _ = config_from_args(["--preset", "cpu", "--minutes", "none", "--max-steps", "None"])
+    cfg = config_from_args(["--preset", "cpu", "--minutes", "none", "--max-steps", "None"])[0]
     assert cfg.minutes is None and cfg.max_steps is None
     assert config_from_args(["--preset", "cpu-photos"])[0].minutes == 15.0
     with pytest.raises(SystemExit):

@@ -6,7 +6,14 @@ import typing
 
 import pytest
 
-from dino_nb.config import PRESETS, Centering, TrainConfig, preset
+from dino_nb.config import (
+    PRESETS,
+    Centering,
+    TrainConfig,
+    describe_preset,
+    preset,
+    preset_changes,
+)
 
 # Changing a default is a decision: update this table in the same commit, with the reason
 # in the field's comment in dino_nb/config.py.
@@ -154,6 +161,62 @@ def test_centering_choices_match_the_loss():
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="nope"):
         preset("nope")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_changes_are_the_fields_off_the_defaults_each_with_a_reason(name):
+    cfg, defaults = preset(name), TrainConfig()
+    differ = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(cfg, f.name) != getattr(defaults, f.name)
+    }
+    changes = preset_changes(name)
+    assert {c.field for c in changes} == differ and len(changes) == len(differ)
+    for c in changes:
+        assert c.default == getattr(defaults, c.field) and c.value == getattr(cfg, c.field)
+        assert c.reason.strip(), (name, c.field)
+    table = describe_preset(name)
+    for c in changes:  # every changed field and the start of its reason are in the table
+        assert c.field in table and c.reason.split()[0] in table
+
+
+def test_describe_preset_lists_changes_with_reasons_and_a_run_s_own():
+    text = describe_preset("cpu")
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("field"))
+    assert head.split() == ["field", "default", "->", "preset", "why"]
+    row = next(line for line in lines if line.startswith("base_lr "))
+    assert row.split()[:4] == ["base_lr", "0.0005", "->", "0.005"] and "short run" in row
+    row = next(line for line in lines if line.startswith("model_kwargs.depth "))
+    assert row.split()[:4] == ["model_kwargs.depth", "-", "->", "4"]
+    assert "on top of the preset" not in text
+    assert "no changes" in describe_preset("imagenette")
+    own = describe_preset("cpu", preset("cpu", eval_every=93))
+    assert own.splitlines()[: len(lines)] == lines
+    tail = own.splitlines()[len(lines) :]
+    assert tail[0] == "on top of the preset:" and tail[-1].split() == [
+        "eval_every",
+        "100",
+        "->",
+        "93",
+    ]
+    assert describe_preset("cpu", preset("cpu")).endswith("nothing on top of the preset")
+
+
+def test_unknown_preset_names_the_choices():
+    for call in (preset_changes, describe_preset, preset):
+        with pytest.raises(
+            ValueError, match=r"unknown preset 'nope'; choose one of \[.*'cpu-photos-cls'"
+        ):
+            call("nope")
+
+
+def test_cpu_photos_cls_is_cpu_photos_with_the_cls_token():
+    photos, cls = preset("cpu-photos").to_dict(), preset("cpu-photos-cls").to_dict()
+    assert {k for k in photos if photos[k] != cls[k]} == {"model_kwargs"}
+    assert cls["model_kwargs"] == {**photos["model_kwargs"], "global_pool": "token"}
+    assert photos["model_kwargs"]["global_pool"] == "avg"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -101,6 +101,7 @@ def test_training_config_per_profile(monkeypatch):
 
     monkeypatch.setattr("dino_nb.datasets.find_imagenette", missing)
     cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
+    assert explore.training_preset(Profile("cpu", "local", "cpu")) == "cpu"
     assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
     assert cpu.data == base.data
     gpu = training_config(Profile("gpu", "local", "cuda"), "o")
@@ -112,6 +113,9 @@ def test_training_config_per_profile(monkeypatch):
     # the photo recipe, except for the embedding: the [CLS] token, whose attention notebook 05 shows
     assert photos.model_kwargs == {**recipe.model_kwargs, "global_pool": "token"}
     assert recipe.model_kwargs["global_pool"] == "avg"
+    assert photos == preset("cpu-photos-cls", out="o")  # the named preset, nothing on top
+    assert explore.training_preset(Profile("cpu", "local", "cpu")) == "cpu-photos-cls"
+    assert explore.training_preset(Profile("ci", "local", "cpu")) == "cpu"  # photos or not
     import dino_nb.cli as cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -123,6 +127,7 @@ def test_training_config_per_profile(monkeypatch):
     small = training_config(Profile("gpu", "local", "cuda"), "o")
     assert small.data == "imagenette" and small.model == preset("t4").model
     assert small.minutes == explore.GPU_MINUTES
+    assert explore.training_preset(Profile("gpu", "local", "cuda")) == "t4"
 
 
 # ---------------------------------------------------------------- images and crops

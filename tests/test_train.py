@@ -462,12 +462,33 @@ def test_cli_print_config_uses_preset_and_options() -> None:
         "--preset", "imagenette", "--print-config", "-o", "4096", "--teacher-temp", "0.05"
     )
     assert proc.returncode == 0, proc.stderr
-    cfg = json.loads(proc.stdout)
+    cfg = json.loads(proc.stdout)  # stdout is the JSON alone: --config can read it back
     assert (
         cfg["out_dim"] == 4096
         and cfg["teacher_temp"] == 0.05
         and cfg["model"] == "vit_small_patch16_224"
     )
+    # on stderr: what the preset changes (nothing here), then the options on top of it
+    assert "preset 'imagenette'" in proc.stderr and "no changes" in proc.stderr
+    tail = proc.stderr.split("on top of the preset:")[1].splitlines()
+    assert [line.split() for line in tail[2:]] == [
+        ["out_dim", "65536", "->", "4096"],
+        ["teacher_temp", "0.07", "->", "0.05"],
+    ]
+
+
+def test_cli_print_config_gives_the_preset_s_reasons() -> None:
+    from dino_nb.config import preset_changes
+
+    proc = run_cli("--preset", "cpu-photos", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["koleo_weight"] == 0.1
+    fields = [line.split()[0] for line in proc.stderr.splitlines() if "->" in line]
+    for change in preset_changes("cpu-photos"):
+        assert change.field in fields or change.field == "model_kwargs", change.field
+        assert change.reason[:40] in proc.stderr, change.field  # the reasons are wrapped
+    assert "model_kwargs.global_pool" in fields
+    assert "nothing on top of the preset" in proc.stderr
 
 
 def test_cli_bad_option_value_is_one_clear_error() -> None:

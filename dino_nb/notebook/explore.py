@@ -30,7 +30,7 @@ from torchvision.transforms import functional as TF
 
 from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
 from ..cli import auto_preset
-from ..config import PRESETS, TrainConfig, preset
+from ..config import TrainConfig, preset
 from ..distributed import pick_device
 from .attention import threshold_mask, upsample
 from .figures import class_colors, new_figure, to_hwc, view_labels
@@ -192,35 +192,42 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
     * ``ci``: the whole ``cpu`` recipe (372 steps, about 90 s on an idle 2-core machine) with a
       fixed step count instead of the preset's time budget, evaluated every
       :data:`CI_EVAL_EVERY` steps: long enough to learn, and its printed numbers repeat exactly.
-    * ``cpu``: with ImageNette found, the ``cpu-photos`` recipe (15 minutes) with the
-      ``[CLS]`` token as the embedding, so that attention maps mean something; else the
-      ``cpu`` preset (built-in data, a small ViT; minutes on a laptop).
-    * ``gpu``: with ImageNette found, what ``--preset auto`` picks (:func:`dino_nb.cli.auto_preset`):
-      the ``imagenette`` preset (ViT-S/16, the paper's crops), or the ``t4`` preset (ViT-Ti/16)
-      on a card of at most 16.5 GiB (a Colab or Kaggle T4, a P100), in a time budget of
-      :data:`GPU_MINUTES` minutes; without ImageNette, the ``cpu`` preset on the GPU.
+    * ``cpu`` and ``gpu``: the rule of ``--preset auto`` with the notebooks' variants
+      (:func:`dino_nb.cli.auto_preset`). On a CPU with ImageNette found, ``cpu-photos-cls``
+      (the photo recipe's 15 minutes with the ``[CLS]`` token as the embedding, so that
+      attention maps mean something); on a GPU with ImageNette, the ``imagenette`` preset
+      (ViT-S/16, the paper's crops), or ``t4`` (ViT-Ti/16) on a card of at most 16.5 GiB (a
+      Colab or Kaggle T4, a P100), in a time budget of :data:`GPU_MINUTES` minutes; without
+      ImageNette, the ``cpu`` preset (built-in data, a small ViT), on the GPU in ``gpu``.
 
     Args:
         profile: from :func:`pick_profile`.
         out: the run folder.
         **overrides: any :class:`~dino_nb.config.TrainConfig` field, applied last.
     """
-    from ..datasets import imagenette_available
-
-    values: dict[str, Any]
+    values: dict[str, Any] = {}
+    name = training_preset(profile)
     if profile.name == "ci":
         # a fixed step count, not the preset's time budget: the outputs must repeat on any CPU
-        values, name = {"eval_every": CI_EVAL_EVERY, "minutes": None}, "cpu"
-    elif not imagenette_available():
-        values, name = ({"device": "cuda"} if profile.name == "gpu" else {}), "cpu"
-    elif profile.name == "cpu":
-        # the photo recipe, but with the [CLS] token as the embedding (about 2 points of kNN
-        # less): notebook 05's attention maps are the [CLS] token's
-        kwargs = {**PRESETS["cpu-photos"]["model_kwargs"], "global_pool": "token"}
-        values, name = {"model_kwargs": kwargs}, "cpu-photos"
-    else:  # the rule of --preset auto: t4 on a card of 16 GB or less, else imagenette
-        values, name = {"minutes": GPU_MINUTES}, auto_preset("imagenette", "cuda")
+        values = {"eval_every": CI_EVAL_EVERY, "minutes": None}
+    elif profile.name == "gpu":  # photos: a stated time, not the epochs; else cpu on the GPU
+        values = {"device": "cuda"} if name == "cpu" else {"minutes": GPU_MINUTES}
     return preset(name, **{**values, "out": str(out), **overrides})
+
+
+def training_preset(profile: Profile) -> str:
+    """The preset :func:`training_config` starts from (``describe_preset`` says what it changes).
+
+    ``cpu`` in the ``ci`` profile; elsewhere the rule of ``--preset auto`` with the
+    notebooks' variants (:func:`dino_nb.cli.auto_preset`), ImageNette counting as photos when
+    it is found.
+    """
+    from ..datasets import imagenette_available
+
+    if profile.name == "ci":
+        return "cpu"
+    data = "imagenette" if imagenette_available() else "builtin"
+    return auto_preset(data, profile.device, notebook=True)
 
 
 def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
