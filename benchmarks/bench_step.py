@@ -39,8 +39,8 @@ import seed_baseline
 import torch
 
 from dino_nb.augment import normalize_uint8
-from dino_nb.config import preset
 from dino_nb.distributed import native_bf16, pick_device
+from dino_nb.presets import preset
 from dino_nb.step import build_run, train_step
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).

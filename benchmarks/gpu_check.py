@@ -66,12 +66,13 @@ from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 from dino_nb.augment import normalize_uint8
-from dino_nb.config import TrainConfig, preset
+from dino_nb.config import TrainConfig
 from dino_nb.datasets import plain_transform, rgb_loader
 from dino_nb.distributed import native_bf16, resolve_precision
 from dino_nb.evaluation import extract_features
 from dino_nb.loader import default_num_workers, make_loader
 from dino_nb.model import build_backbone
+from dino_nb.presets import preset
 from dino_nb.step import build_run, train_step
 from dino_nb.train import train
 

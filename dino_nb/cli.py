@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .config import GROUPS, PRESETS, TrainConfig, preset
+from .config import GROUPS, TrainConfig
 from .datasets import imagenette_available
+from .presets import PRESETS, preset
 
 #: The tutorial's option names for config fields: field -> extra option strings.
 TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {

@@ -623,7 +623,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Entry point: train, print a summary; errors become one line on stderr and exit code 2."""
     from .cli import config_from_args
-    from .config import describe_preset
+    from .presets import describe_preset
 
     try:
         cfg, print_only, name = config_from_args(argv)

@@ -138,7 +138,9 @@ def report() -> str:
     lines.append(f"core -> subpackage imports: {upward_imports(edges) or 'none'}")
     lines.append("imports (module -> package modules it imports):")
     lines += [
-        f"    {a} -> {', '.join(sorted(b))}" for a, b in sorted(edges.items()) if b and a != "dino_nb"
+        f"    {a} -> {', '.join(sorted(b))}"
+        for a, b in sorted(edges.items())
+        if b and a != "dino_nb"
     ]
     return "\n".join(lines)
 

@@ -110,7 +110,7 @@ def test_tutorial_short_options() -> None:
 
 def test_only_given_options_override_the_preset() -> None:
     cfg = config_from_args(["--preset", "cpu"])[0]
-    from dino_nb.config import preset
+    from dino_nb.presets import preset
 
     assert cfg == preset("cpu")
 
@@ -172,7 +172,7 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
 
 
 def preset_of(name, **overrides):
-    from dino_nb.config import preset
+    from dino_nb.presets import preset
 
     return preset(name, **overrides)
 

@@ -13,9 +13,9 @@ import torch
 from fixtures_data import write_image
 
 from dino_nb.checkpoint import save_atomic
-from dino_nb.config import preset
 from dino_nb.datasets import DataWarning
 from dino_nb.model import student_teacher_from_config
+from dino_nb.presets import preset
 from dino_nb.tools import embed as E
 
 TINY_MODEL = dict(

@@ -19,11 +19,11 @@ import dino_nb.distributed as distributed
 import dino_nb.loader as loader
 import dino_nb.train as train_module
 from dino_nb import checkpoint as ckpt_io
-from dino_nb.config import preset
 from dino_nb.distributed import DistInfo, allow_tf32, native_bf16, resolve_precision
 from dino_nb.evaluation import autocast_dtype
 from dino_nb.loader import decide_gpu_augment, default_num_workers
 from dino_nb.model import student_teacher_from_config
+from dino_nb.presets import preset
 from dino_nb.step import build_run
 from dino_nb.tools.memory import memory_estimate
 from dino_nb.train import TrainResult, train

@@ -118,8 +118,8 @@ def test_backbone_from_checkpoint(tmp_path, pair):
 def test_student_teacher_from_config_uses_every_head_field():
     from dataclasses import replace
 
-    from dino_nb.config import preset
     from dino_nb.model import student_teacher_from_config, unwrap_backbone
+    from dino_nb.presets import preset
 
     cfg = replace(
         preset("cpu"),

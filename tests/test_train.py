@@ -16,11 +16,11 @@ import timm
 import torch
 
 from dino_nb import checkpoint as ckpt_io
-from dino_nb.config import preset
 from dino_nb.distributed import DistInfo, resolve_precision
 from dino_nb.loader import build_training_data
 from dino_nb.loss import Loss
 from dino_nb.model import student_teacher_from_config
+from dino_nb.presets import preset
 from dino_nb.shapes import generate
 from dino_nb.step import build_run, seed_everything, train_step
 from dino_nb.train import NonFiniteLossError, export_backbone, train
@@ -478,7 +478,7 @@ def test_cli_print_config_uses_preset_and_options() -> None:
 
 
 def test_cli_print_config_gives_the_preset_s_reasons() -> None:
-    from dino_nb.config import preset_changes
+    from dino_nb.presets import preset_changes
 
     proc = run_cli("--preset", "cpu-photos", "--print-config")
     assert proc.returncode == 0, proc.stderr

@@ -139,7 +139,7 @@ def test_write_projector_with_writer_denormalizes(tmp_path):
 
 
 def test_schedules_figure_draws_every_schedule_per_run():
-    from dino_nb.config import preset
+    from dino_nb.presets import preset
     from dino_nb.step import Schedules
 
     cfg = preset("imagenette", epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3)

@@ -30,8 +30,9 @@ from torchvision.transforms import functional as TF
 
 from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
 from ..cli import auto_preset
-from ..config import TrainConfig, preset
+from ..config import TrainConfig
 from ..distributed import pick_device
+from ..presets import preset
 from .attention import threshold_mask, upsample
 from .figures import class_colors, new_figure, to_hwc, view_labels
 
