@@ -1,24 +1,16 @@
-"""What the features are worth: embeddings, kNN both ways, a linear probe, the evaluation CLI.
-
-kNN both ways means the tutorial's sklearn classifier and the paper's weighted kNN.
+"""What the features are worth: embeddings, kNN both ways, a linear probe.
 
 DINO (Caron et al. 2021, Sec. 4.1) judges frozen features two ways: a weighted
 k-nearest-neighbour classifier (Wu et al. 2018) with k in {10, 20, 100, 200}, and a
 linear classifier trained on top. The tutorial used sklearn's plain kNN; both are here,
-computed on the same features so their numbers can be compared.
-
-Command line::
-
-    python -m dino_nb.evaluate --checkpoint runs/<run>/best_model.pth --data builtin
+computed on the same features so their numbers can be compared
+(``python -m dino_nb.evaluate`` prints both for a checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,8 +23,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision import transforms
 
-from .augment import denormalize
+from .augment import IMAGENET_MEAN, IMAGENET_STD, JITTER, P_GRAYSCALE, P_JITTER, denormalize
 from .distributed import resolve_precision
 from .loader import make_loader
 from .model import unwrap_backbone
@@ -77,22 +70,11 @@ def inference(model: nn.Module, autocast: bool = True) -> Iterator[torch.device]
         model.train(was_training)
 
 
-def _dataset_fingerprint(data_loader: DataLoader) -> str:
-    """Size and (where known) file list of a loader's dataset, so a cache notices a new dataset."""
-    dataset = data_loader.dataset
-    h = hashlib.sha1(str(len(dataset)).encode())  # type: ignore[arg-type]
-    for path, label in getattr(dataset, "samples", []):
-        h.update(f"{path}\t{label}\n".encode())
-    return h.hexdigest()
-
-
 def extract_features(
     backbone: nn.Module,
     data_loader: DataLoader,
     *,
     autocast: bool = True,
-    cache_path: str | os.PathLike | None = None,
-    cache_key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the backbone over a loader of ``(images, labels)`` batches.
 
@@ -100,40 +82,16 @@ def extract_features(
     autocast on a GPU (bf16 where supported, else fp16; none on CPU). Pass the teacher's or
     the student's backbone (``teacher.backbone``): the paper evaluates the teacher.
 
-    Features can be cached on disk so repeated evaluations of the same weights skip the
-    work (the training set is the expensive part). The cache is only as right as its key:
-    ``cache_key`` must change whenever the weights change (e.g. ``f"teacher-step{step}"``).
-    A file whose key, or whose dataset (size and file list), differs is recomputed and
-    overwritten.
-
     Args:
         backbone: maps ``(n, 3, H, W)`` images to ``(n, dim)`` embeddings (a
             ``MultiCropWrapper`` is unwrapped to its backbone).
         data_loader: plain (unaugmented) images with integer labels, not shuffled.
         autocast: use mixed precision on a GPU.
-        cache_path: file to read the features from or write them to; ``None`` disables.
-        cache_key: identifies the weights the cached features come from; required with
-            ``cache_path``.
 
     Returns:
         ``(features (n_samples, dim) float32 on CPU, labels (n_samples,) int64)``.
     """
     backbone = unwrap_backbone(backbone)
-    if cache_path is not None and not cache_key:
-        raise ValueError(
-            "cache_path needs a cache_key that changes with the weights (e.g. the training step)"
-        )
-    fingerprint = _dataset_fingerprint(data_loader) if cache_path is not None else ""
-    if cache_path is not None and Path(cache_path).is_file():
-        from .checkpoint import load
-
-        try:
-            cached = load(cache_path)
-        except RuntimeError:  # unreadable leftover: recompute and overwrite
-            cached = {}
-        if cached.get("key") == cache_key and cached.get("dataset") == fingerprint:
-            return cached["features"], cached["labels"]
-
     feats, labels = [], []
     with inference(backbone, autocast) as device:
         for imgs, y in data_loader:
@@ -141,13 +99,6 @@ def extract_features(
             labels.append(torch.as_tensor(y))
     features, targets = torch.cat(feats), torch.cat(labels).long()  # (n_samples, dim), (n_samples,)
 
-    if cache_path is not None:
-        from .checkpoint import save_atomic
-
-        save_atomic(
-            {"key": cache_key, "dataset": fingerprint, "features": features, "labels": targets},
-            cache_path,
-        )
     return features, targets
 
 
@@ -293,13 +244,8 @@ def weighted_knn(
     Returns:
         ``(top1, top5)`` accuracies as fractions in [0, 1].
     """
-    if (
-        train_features.shape[0] != train_labels.shape[0]
-        or test_features.shape[0] != test_labels.shape[0]
-    ):
-        raise ValueError("features and labels must have the same number of samples")
-    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
-        raise ValueError("weighted_knn needs at least one training and one test sample")
+    _check_pair(train_features, train_labels, "train")
+    _check_pair(test_features, test_labels, "test")
     train_labels = train_labels.long()
     test_labels = test_labels.long().cpu()
     if num_classes is None:
@@ -344,51 +290,6 @@ def sklearn_knn_topk(
     return top1, top5
 
 
-def knn_sweep(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_features: torch.Tensor,
-    val_labels: torch.Tensor,
-    ks: Sequence[int] = PAPER_KS,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-) -> dict[str, float]:
-    """Both kNN classifiers on the same features at each ``k``, top-1 and top-5.
-
-    Args:
-        train_features: ``(n_train, dim)``.
-        train_labels: ``(n_train,)``.
-        val_features: ``(n_val, dim)``.
-        val_labels: ``(n_val,)``.
-        ks: neighbour counts; each is capped at ``n_train`` (the key keeps the asked ``k``).
-        temperature: of the weighted kNN.
-        num_classes: number of classes; default ``max(label) + 1``.
-
-    Returns:
-        ``{"sklearn_k{k}_top1", "sklearn_k{k}_top5", "weighted_k{k}_top1",
-        "weighted_k{k}_top5"}`` for every ``k``, fractions in [0, 1].
-    """
-    _check_pair(train_features, train_labels, "train")
-    _check_pair(val_features, val_labels, "val")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be positive neighbour counts, got {tuple(ks)}")
-    results: dict[str, float] = {}
-    for k in ks:
-        s1, s5 = sklearn_knn_topk(train_features, train_labels, val_features, val_labels, k)
-        w1, w5 = weighted_knn(
-            train_features, train_labels, val_features, val_labels, k, temperature, num_classes
-        )
-        results.update(
-            {
-                f"sklearn_k{k}_top1": s1,
-                f"sklearn_k{k}_top5": s5,
-                f"weighted_k{k}_top1": w1,
-                f"weighted_k{k}_top5": w5,
-            }
-        )
-    return results
-
-
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -420,9 +321,6 @@ def linear_probe(
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     probe.fit(train_features.float().numpy(), train_labels.numpy())
     return float(accuracy_score(val_labels.numpy(), probe.predict(val_features.float().numpy())))
-
-
-# --------------------------------------------------------------------------- command line
 
 
 class KnnEvaluator:
@@ -511,10 +409,6 @@ def view_transform(size: int) -> Callable[[Any], torch.Tensor]:
     DINO's global-crop family without blur and solarisation (jitter strengths of the paper),
     resized to ``size`` and normalised.
     """
-    from torchvision import transforms
-
-    from .augment import IMAGENET_MEAN, IMAGENET_STD, JITTER, P_GRAYSCALE, P_JITTER
-
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(

@@ -12,14 +12,13 @@ from dino_nb.evaluation import (
     autocast_dtype,
     extract_features,
     inference,
-    knn_sweep,
     linear_probe,
     nearest_neighbours,
     sklearn_knn_topk,
     weighted_knn,
     weighted_knn_votes,
 )
-from dino_nb.tools.evaluate import main
+from dino_nb.tools.evaluate import cached_features, knn_sweep, main
 
 
 def separable(n_per_class=20, n_classes=4, dim=16, seed=0, noise=0.3):
@@ -163,18 +162,18 @@ def test_extract_features_and_cache(tmp_path):
 
     path = tmp_path / "feats.pt"
     with pytest.raises(ValueError, match="cache_key"):
-        extract_features(model, loader, cache_path=path)
-    f1, _ = extract_features(model, loader, cache_path=path, cache_key="step1")
+        cached_features(model, loader, path, "")
+    f1, _ = cached_features(model, loader, path, "step1")
     calls = model.calls
-    f2, _ = extract_features(model, loader, cache_path=path, cache_key="step1")
+    f2, _ = cached_features(model, loader, path, "step1")
     assert model.calls == calls and torch.equal(f1, f2)  # served from the cache
     with torch.no_grad():
         model.lin.weight.add_(1.0)  # weights change, and so does the key
-    f3, _ = extract_features(model, loader, cache_path=path, cache_key="step2")
+    f3, _ = cached_features(model, loader, path, "step2")
     assert model.calls > calls and not torch.allclose(f3, f1)
     # a different dataset under the same key is recomputed too
     loader_small = DataLoader(TensorDataset(ds.tensors[0][:6], ds.tensors[1][:6]), batch_size=4)
-    f4, _ = extract_features(model, loader_small, cache_path=path, cache_key="step2")
+    f4, _ = cached_features(model, loader_small, path, "step2")
     assert f4.shape == (6, 5)
 
 

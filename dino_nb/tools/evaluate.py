@@ -7,6 +7,7 @@ figures (confusion matrix, embedding map, nearest neighbours, attention maps).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -15,17 +16,101 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..augment import denormalize
+from ..checkpoint import load, save_atomic
 from ..evaluation import (
     PAPER_KS,
+    _check_pair,
     extract_features,
-    knn_sweep,
     linear_probe,
     nearest_neighbours,
+    sklearn_knn_topk,
+    weighted_knn,
     weighted_knn_votes,
 )
 from ..loader import make_loader
+
+
+def knn_sweep(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    ks: Sequence[int] = PAPER_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Both kNN classifiers on the same features at each ``k``, top-1 and top-5.
+
+    Args:
+        train_features: ``(n_train, dim)``.
+        train_labels: ``(n_train,)``.
+        val_features: ``(n_val, dim)``.
+        val_labels: ``(n_val,)``.
+        ks: neighbour counts; each is capped at ``n_train`` (the key keeps the asked ``k``).
+        temperature: of the weighted kNN.
+        num_classes: number of classes; default ``max(label) + 1``.
+
+    Returns:
+        ``{"sklearn_k{k}_top1", "sklearn_k{k}_top5", "weighted_k{k}_top1",
+        "weighted_k{k}_top5"}`` for every ``k``, fractions in [0, 1].
+    """
+    _check_pair(train_features, train_labels, "train")
+    _check_pair(val_features, val_labels, "val")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive neighbour counts, got {tuple(ks)}")
+    results: dict[str, float] = {}
+    for k in ks:
+        s1, s5 = sklearn_knn_topk(train_features, train_labels, val_features, val_labels, k)
+        w1, w5 = weighted_knn(
+            train_features, train_labels, val_features, val_labels, k, temperature, num_classes
+        )
+        results.update(
+            {
+                f"sklearn_k{k}_top1": s1,
+                f"sklearn_k{k}_top5": s5,
+                f"weighted_k{k}_top1": w1,
+                f"weighted_k{k}_top5": w5,
+            }
+        )
+    return results
+
+
+def _dataset_fingerprint(data_loader: DataLoader) -> str:
+    """Size and (where known) file list of a loader's dataset, so a cache notices a new dataset."""
+    dataset = data_loader.dataset
+    h = hashlib.sha1(str(len(dataset)).encode())  # type: ignore[arg-type]
+    for path, label in getattr(dataset, "samples", []):
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def cached_features(
+    backbone: nn.Module, data_loader: DataLoader, cache_path: str | os.PathLike, cache_key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~dino_nb.evaluation.extract_features`, kept on disk for the next evaluation.
+
+    The training set is the expensive part of an evaluation. The cache is only as right as its
+    key: ``cache_key`` must change whenever the weights change (e.g. ``f"teacher-step{step}"``).
+    A file whose key, or whose dataset (size and file list), differs is recomputed and
+    overwritten.
+    """
+    if not cache_key:
+        raise ValueError("cached_features needs a cache_key that changes with the weights")
+    fingerprint = _dataset_fingerprint(data_loader)
+    if Path(cache_path).is_file():
+        try:
+            cached = load(cache_path)
+        except RuntimeError:  # unreadable leftover: recompute and overwrite
+            cached = {}
+        if cached.get("key") == cache_key and cached.get("dataset") == fingerprint:
+            return cached["features"], cached["labels"]
+    features, labels = extract_features(backbone, data_loader)
+    record = {"key": cache_key, "dataset": fingerprint, "features": features, "labels": labels}
+    save_atomic(record, cache_path)
+    return features, labels
 
 
 class _Images:
@@ -160,12 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     stat = ckpt_path.stat()
     key = f"{ckpt_path.resolve()}|{args.which}|step={step}|mtime_ns={stat.st_mtime_ns}|bytes={stat.st_size}|size={size}"
-    train_f, train_y = extract_features(
-        backbone,
-        train_loader,
-        cache_path=out / "train_features.pt" if args.cache else None,
-        cache_key=key,
-    )
+    if args.cache:
+        train_f, train_y = cached_features(backbone, train_loader, out / "train_features.pt", key)
+    else:
+        train_f, train_y = extract_features(backbone, train_loader)
     val_f, val_y = extract_features(backbone, val_loader)
     n_classes = len(bundle.classes)
 
