@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import GROUPS, TrainConfig
-from .datasets import imagenette_available
 from .presets import PRESETS, preset
+from .sources import imagenette_available
 
 #: The tutorial's option names for config fields: field -> extra option strings.
 TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {

@@ -1,35 +1,24 @@
-"""Datasets and loaders: find ImageNette (or use the built-in dataset), open it robustly, load it.
+"""Datasets: open image folders robustly as the three views a run needs, and small loaders' helpers.
 
-Three jobs, in the order a run needs them:
-
-1. **Find** a dataset: :func:`find_imagenette` looks at an explicit path, ``$DINO_NB_DATA``,
-   the checkout's ``data/``, Kaggle's ``/kaggle/input`` and Colab's usual places
-   (downloading is :mod:`dino_nb.download`'s job).
-2. **Open** it: :func:`build_datasets` turns ``--data`` into three ``ImageFolder`` views of
-   one dataset (multi-crop train, plain train, plain val). Every image becomes RGB
-   (ImageNette holds grayscale and CMYK JPEGs); unreadable files are found by one cheap
-   scan and skipped with a single warning that lists them (fatal with ``strict=True``);
-   layout problems (no class folders, an empty class, train and val with different
-   classes) raise one error that names them.
-3. **Load** it: :func:`make_loader` with the project's ``DataLoader`` options,
-   :func:`collate_crops` for multi-crop batches, and :func:`projector_subset`, a small,
-   fixed, class-balanced validation subset for TensorBoard's projector.
-
-``python -m dino_nb.data --find`` and ``--download 320px`` expose 1. on the command line.
+:func:`build_datasets` turns ``--data`` (through :func:`dino_nb.sources.resolve_data_root`)
+into three ``ImageFolder`` views of one dataset (multi-crop train, plain train, plain val).
+Every image becomes RGB (ImageNette holds grayscale and CMYK JPEGs); unreadable files are
+found by one cheap scan and skipped with a single warning that lists them (fatal with
+``strict=True``); layout problems (no class folders, an empty class, train and val with
+different classes) raise one error that names them. A folder of your own photos without
+``train/`` and ``val/`` is one unlabelled class with a fixed 5% held aside
+(:class:`ImageFiles`). :func:`projector_subset` is a small, fixed, class-balanced
+validation subset for TensorBoard's projector.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
-import json
 import os
 import warnings
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +32,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.vision import StandardTransform
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .shapes import default_data_dir, ensure_builtin_dataset
+from .sources import (
+    _subdirs,
+    class_names,
+    resolve_data_root,
+)
 
-#: ``--data`` value that selects the generated dataset.
-BUILTIN = "builtin"
-#: ``--data`` value that means "find ImageNette" (see :func:`find_imagenette`).
-IMAGENETTE = "imagenette"
-#: Environment variable naming the folder that holds datasets.
-ENV_VAR = "DINO_NB_DATA"
-#: How deep below each search root :func:`find_imagenette` looks (root itself is depth 0).
-SEARCH_DEPTH = 3
-#: At most this many folders are listed per search root (a big Google Drive stays quick).
-_MAX_DIRS_PER_ROOT = 2000
 #: Bytes at the end of a JPEG searched for its end-of-image marker.
 _JPEG_TAIL = 1024
 #: Consecutive unreadable files a dataset steps over at load time before giving up.
@@ -63,171 +46,6 @@ _MAX_FALLBACK = 16
 
 class DataWarning(UserWarning):
     """A problem with the data that training can survive (e.g. skipped unreadable images)."""
-
-
-# --------------------------------------------------------------------------- labels
-
-
-@functools.lru_cache(maxsize=1)
-def _labels() -> dict[str, str]:
-    text = resources.files("dino_nb").joinpath("imagenette_labels.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def imagenette_labels() -> dict[str, str]:
-    """The ten ImageNette class ids (WordNet ids) and their human names.
-
-    Read from ``dino_nb/imagenette_labels.json``, shipped with the package (the copy in the
-    checkout's ``data/`` is identical; a test checks it).
-
-    Example:
-        >>> imagenette_labels()["n01440764"]
-        'tench'
-    """
-    return dict(_labels())
-
-
-def class_names(classes: Iterable[str]) -> list[str]:
-    """Human names for class folder names: ImageNette ids get their label, others stay as they are."""
-    labels = _labels()
-    return [labels.get(c, c) for c in classes]
-
-
-# --------------------------------------------------------------------------- finding ImageNette
-
-
-def _subdirs(folder: Path) -> list[str]:
-    """Names of the visible subfolders of ``folder`` (hidden ones, like ``.ipynb_checkpoints``, skipped)."""
-    try:
-        with os.scandir(folder) as it:
-            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
-    except OSError:
-        return []
-
-
-def is_imagenette_root(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds ``train/`` and ``val/``, each with exactly the ten ImageNette class ids."""
-    folder = Path(folder)
-    wnids = sorted(_labels())
-    return all(_subdirs(folder / split) == wnids for split in ("train", "val"))
-
-
-def _search(root: Path, max_depth: int) -> Path | None:
-    """Breadth-first search for an ImageNette root at most ``max_depth`` folders below ``root``.
-
-    Within one depth, folder names are visited in sorted order, except that a name with
-    ``320`` in it comes first (the default download). Class and split folders are not
-    entered, so a found dataset's 13k files are never listed.
-    """
-    queue: deque[tuple[Path, int]] = deque([(root, 0)])
-    visited = 0
-    while queue and visited < _MAX_DIRS_PER_ROOT:
-        folder, depth = queue.popleft()
-        visited += 1
-        if is_imagenette_root(folder):
-            return folder
-        if depth == max_depth:
-            continue
-        names = _subdirs(folder)
-        names.sort(key=lambda n: ("320" not in n, n))
-        queue.extend(
-            (folder / n, depth + 1) for n in names if n not in ("train", "val") and not _is_wnid(n)
-        )
-    return None
-
-
-def _is_wnid(name: str) -> bool:
-    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
-
-
-def default_search_roots() -> list[Path]:
-    """Where :func:`find_imagenette` looks when given no path, in order.
-
-    ``$DINO_NB_DATA``, the checkout's ``data/`` (or ``./data``), ``./data``, Kaggle's
-    ``/kaggle/input`` (attached datasets) and ``/kaggle/working``, Colab's ``/content``,
-    ``/content/data`` and ``/content/drive/MyDrive`` (a mounted Google Drive).
-    """
-    roots: list[Path] = []
-    env = os.environ.get(ENV_VAR)
-    if env:
-        roots.append(Path(env).expanduser())
-    roots += [
-        default_data_dir(),
-        Path.cwd() / "data",
-        Path("/kaggle/input"),
-        Path("/kaggle/working"),
-        Path("/content"),
-        Path("/content/data"),
-        Path("/content/drive/MyDrive"),
-    ]
-    unique: list[Path] = []
-    for r in roots:
-        if r not in unique:
-            unique.append(r)
-    return unique
-
-
-def _not_found_message(looked: Sequence[Path], max_depth: int) -> str:
-    places = ", ".join(f"{p}{'' if p.is_dir() else ' (missing)'}" for p in looked)
-    return (
-        f"ImageNette not found (looked for train/ and val/ with the 10 ImageNette class folders, up to "
-        f"{max_depth} folders deep, in: {places}). Download it with "
-        f"`python -m dino_nb.data --download 320px` (about 342 MB), set ${ENV_VAR} to the folder that holds it, "
-        "pass --data PATH, or on Kaggle attach an ImageNette dataset to the notebook"
-    )
-
-
-def find_imagenette(
-    path: str | os.PathLike | None = None,
-    *,
-    search_roots: Sequence[str | os.PathLike] | None = None,
-    max_depth: int = SEARCH_DEPTH,
-) -> Path:
-    """Find an ImageNette folder (one holding ``train/`` and ``val/`` with the ten class ids).
-
-    Accepts the folder itself (``.../imagenette2-320``) or any folder above it, up to
-    ``max_depth`` levels (Kaggle nests datasets like
-    ``/kaggle/input/imagenette/imagenette2-320/imagenette2-320``). Hidden folders (such as a
-    half-finished extraction) are never entered.
-
-    Args:
-        path: an explicit place. When given, only it is searched: a wrong path is an error,
-            not a reason to train on some other copy.
-        search_roots: where to look when ``path`` is ``None``, in order; default
-            :func:`default_search_roots` (``$DINO_NB_DATA``, ``data/``, Kaggle, Colab).
-        max_depth: how many folder levels below each root to search.
-
-    Returns:
-        The ImageNette root (holding ``train/`` and ``val/``).
-
-    Raises:
-        FileNotFoundError: naming every place it looked and how to download the dataset.
-    """
-    if path is not None:
-        roots = [Path(path).expanduser()]
-    elif search_roots is not None:
-        roots = [Path(r).expanduser() for r in search_roots]
-    else:
-        roots = default_search_roots()
-    for root in roots:
-        if root.is_dir():
-            found = _search(root, max_depth)
-            if found is not None:
-                return found
-    raise FileNotFoundError(_not_found_message(roots, max_depth))
-
-
-def imagenette_available() -> bool:
-    """Whether :func:`find_imagenette` finds ImageNette in the usual places.
-
-    What ``--preset auto`` and the notebooks' ``gpu`` profile ask before choosing the
-    ImageNette-sized run over the small built-in one.
-    """
-    try:
-        find_imagenette()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- opening images
@@ -504,36 +322,6 @@ def plain_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- datasets
-
-
-def resolve_data_root(data: str | os.PathLike | None) -> Path:
-    """Turn a ``--data`` value into a folder: one holding ``train/`` and ``val/``, or any other.
-
-    ``None`` or ``"builtin"`` selects the built-in dataset (generated on first use);
-    ``"imagenette"`` runs :func:`find_imagenette`; a path is used as it is, or, when it has
-    no ``train/`` and ``val/``, searched for ImageNette below it; when none is found, the
-    folder itself is returned and :func:`build_datasets` opens it unlabelled.
-
-    Raises:
-        FileNotFoundError: when the folder is missing, has only one of ``train``/``val``,
-            or ImageNette is not found (the message says where it looked and how to download).
-    """
-    if data is None or str(data) == BUILTIN:
-        return ensure_builtin_dataset()
-    if str(data) == IMAGENETTE:
-        return find_imagenette()
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if not missing:
-        return root
-    nested = _search(root, SEARCH_DEPTH)
-    if nested is not None:
-        return nested
-    if len(missing) == 1:  # half a labelled layout is a mistake, not a folder of photos
-        raise FileNotFoundError(f"data folder {root} has no {missing[0]} subfolder")
-    return root  # any other folder: all its images, unlabelled (see ImageFiles)
 
 
 class DatasetBundle:

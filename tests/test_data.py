@@ -6,7 +6,7 @@ import torch
 from fixtures_data import MINI, WNIDS, make_folder, make_imagenette_like, write_image
 
 from dino_nb import datasets as D
-from dino_nb import loader
+from dino_nb import loader, sources
 from dino_nb.augment import DataAugmentation
 from dino_nb.tools import data as data_cli
 
@@ -29,13 +29,13 @@ def test_labels_file_and_package_copy_are_identical():
 
 
 def test_labels_content():
-    labels = D.imagenette_labels()
+    labels = sources.imagenette_labels()
     assert tuple(sorted(labels)) == WNIDS
     assert labels["n01440764"] == "tench"
     assert labels["n02102040"] == "English springer"
     assert labels["n03888257"] == "parachute"
     labels["n01440764"] = "changed"  # a copy: the cache is not touched
-    assert D.imagenette_labels()["n01440764"] == "tench"
+    assert sources.imagenette_labels()["n01440764"] == "tench"
     assert D.class_names(["n03445777", "disc"]) == ["golf ball", "disc"]
 
 
@@ -46,9 +46,9 @@ def test_find_kaggle_style_nested_folder(tmp_path):
     root = make_imagenette_like(
         tmp_path / "input" / "imagenette" / "imagenette2-320" / "imagenette2-320"
     )
-    assert D.find_imagenette(search_roots=[tmp_path / "input"]) == root
-    assert D.find_imagenette(tmp_path / "input") == root  # explicit path: nested search too
-    assert D.find_imagenette(root) == root
+    assert sources.find_imagenette(search_roots=[tmp_path / "input"]) == root
+    assert sources.find_imagenette(tmp_path / "input") == root  # explicit path: nested search too
+    assert sources.find_imagenette(root) == root
 
 
 def test_find_prefers_earlier_roots_and_320(tmp_path):
@@ -56,10 +56,10 @@ def test_find_prefers_earlier_roots_and_320(tmp_path):
     b = make_imagenette_like(tmp_path / "b" / "imagenette2-160")
     a320 = make_imagenette_like(tmp_path / "a" / "imagenette2-320")
     assert (
-        D.find_imagenette(search_roots=[tmp_path / "missing", tmp_path / "a", tmp_path / "b"])
+        sources.find_imagenette(search_roots=[tmp_path / "missing", tmp_path / "a", tmp_path / "b"])
         == a320
     )
-    assert D.find_imagenette(search_roots=[tmp_path / "b", tmp_path / "a"]) == b
+    assert sources.find_imagenette(search_roots=[tmp_path / "b", tmp_path / "a"]) == b
     assert a.is_dir()
 
 
@@ -67,61 +67,62 @@ def test_find_depth_is_bounded_and_hidden_folders_skipped(tmp_path):
     make_imagenette_like(tmp_path / "1" / "2" / "3" / "4")
     make_imagenette_like(tmp_path / ".imagenette2-320-extract-tmp")
     with pytest.raises(FileNotFoundError) as info:
-        D.find_imagenette(search_roots=[tmp_path, tmp_path / "nope"], max_depth=3)
+        sources.find_imagenette(search_roots=[tmp_path, tmp_path / "nope"], max_depth=3)
     msg = str(info.value)
     assert str(tmp_path) in msg and f"{tmp_path / 'nope'} (missing)" in msg
     assert "python -m dino_nb.data --download 320px" in msg
     assert (
-        D.find_imagenette(search_roots=[tmp_path], max_depth=4) == tmp_path / "1" / "2" / "3" / "4"
+        sources.find_imagenette(search_roots=[tmp_path], max_depth=4)
+        == tmp_path / "1" / "2" / "3" / "4"
     )
 
 
 def test_find_needs_the_imagenette_class_ids(tmp_path):
     make_folder(tmp_path / "other", classes=("cat", "dog"))
     with pytest.raises(FileNotFoundError):
-        D.find_imagenette(tmp_path / "other")
+        sources.find_imagenette(tmp_path / "other")
 
 
 def test_explicit_path_is_authoritative(tmp_path, monkeypatch):
     make_imagenette_like(tmp_path / "env" / "imagenette2-320")
     monkeypatch.setenv("DINO_NB_DATA", str(tmp_path / "env"))
     with pytest.raises(FileNotFoundError, match="wrong"):
-        D.find_imagenette(tmp_path / "wrong")
+        sources.find_imagenette(tmp_path / "wrong")
 
 
 def test_default_search_roots_order(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_NB_DATA", str(tmp_path / "env"))
-    roots = D.default_search_roots()
+    roots = sources.default_search_roots()
     assert roots[0] == tmp_path / "env"
     assert Path("/kaggle/input") in roots and Path("/content") in roots
     assert roots.index(Path("/kaggle/input")) < roots.index(Path("/content"))
     assert len(roots) == len(set(roots))
     found = make_imagenette_like(tmp_path / "env" / "imagenette2-320")
-    assert D.find_imagenette() == found
-    assert D.resolve_data_root("imagenette") == found
+    assert sources.find_imagenette() == found
+    assert sources.resolve_data_root("imagenette") == found
 
 
 def test_data_imagenette_not_found_explains(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "default_search_roots", lambda: [tmp_path])
+    monkeypatch.setattr(sources, "default_search_roots", lambda: [tmp_path])
     with pytest.raises(FileNotFoundError, match=r"--download 320px"):
         D.build_datasets("imagenette", tiny_aug(), 32)
 
 
 def test_imagenette_available(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "default_search_roots", lambda: [tmp_path])
-    assert not D.imagenette_available()
+    monkeypatch.setattr(sources, "default_search_roots", lambda: [tmp_path])
+    assert not sources.imagenette_available()
     make_imagenette_like(tmp_path / "imagenette2-320")
-    assert D.imagenette_available()
+    assert sources.imagenette_available()
 
 
 def test_resolve_nested_path_and_errors(tmp_path):
     root = make_imagenette_like(tmp_path / "dl" / "imagenette2-320")
-    assert D.resolve_data_root(tmp_path / "dl") == root
+    assert sources.resolve_data_root(tmp_path / "dl") == root
     with pytest.raises(FileNotFoundError, match="not found"):
-        D.resolve_data_root(tmp_path / "nothing")
+        sources.resolve_data_root(tmp_path / "nothing")
     (tmp_path / "half" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no val subfolder"):
-        D.resolve_data_root(tmp_path / "half")
+        sources.resolve_data_root(tmp_path / "half")
 
 
 def test_cli_find(tmp_path, capsys):
@@ -290,8 +291,8 @@ def test_collate_crops():
 def test_builtin_still_resolves(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_NB_DATA", str(tmp_path))
     calls = []
-    monkeypatch.setattr(D, "ensure_builtin_dataset", lambda: calls.append(1) or tmp_path)
-    assert D.resolve_data_root(None) == tmp_path and D.resolve_data_root("builtin") == tmp_path
+    monkeypatch.setattr(sources, "ensure_builtin_dataset", lambda: calls.append(1) or tmp_path)
+    assert sources.resolve_data_root(None) == tmp_path and sources.resolve_data_root("builtin") == tmp_path
     assert len(calls) == 2
 
 
@@ -302,8 +303,8 @@ def test_builtin_still_resolves(tmp_path, monkeypatch):
     not MINI.is_dir(), reason=f"{MINI} not present (a fresh clone has no ../shared)"
 )
 def test_imagenette_mini_through_the_real_path():
-    root = D.find_imagenette(MINI)
-    assert root == MINI and D.is_imagenette_root(root)
+    root = sources.find_imagenette(MINI)
+    assert root == MINI and sources.is_imagenette_root(root)
     bundle = D.build_datasets(root, tiny_aug(64), 48)
     assert bundle.classes == list(WNIDS) and bundle.names[0] == "tench" and bundle.unreadable == {}
     train = loader.make_loader(bundle.train_aug, 8, shuffle=True, collate_fn=loader.collate_crops)

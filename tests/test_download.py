@@ -12,7 +12,7 @@ from fixtures_data import (
     tar_with,
 )
 
-from dino_nb.datasets import find_imagenette
+from dino_nb.sources import find_imagenette
 from dino_nb.tools import download as dl
 from dino_nb.tools.data import main
 

@@ -203,7 +203,7 @@ def test_autocast_dtype():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from dino_nb.model import Head, MultiCropWrapper, build_backbone
-    from dino_nb.shapes import generate
+    from dino_nb.sources import generate
 
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)

@@ -99,14 +99,14 @@ def test_training_config_per_profile(monkeypatch):
     def missing(*a, **k):
         raise FileNotFoundError("no")
 
-    monkeypatch.setattr("dino_nb.datasets.find_imagenette", missing)
+    monkeypatch.setattr("dino_nb.sources.find_imagenette", missing)
     cpu = training_config(Profile("cpu", "local", "cpu"), "o", seed=3)
     assert explore.training_preset(Profile("cpu", "local", "cpu")) == "cpu"
     assert cpu.max_steps is None and cpu.seed == 3 and cpu.eval_every == base.eval_every
     assert cpu.data == base.data
     gpu = training_config(Profile("gpu", "local", "cuda"), "o")
     assert gpu.device == "cuda" and gpu.data == base.data
-    monkeypatch.setattr("dino_nb.datasets.find_imagenette", lambda *a, **k: Path("x"))
+    monkeypatch.setattr("dino_nb.sources.find_imagenette", lambda *a, **k: Path("x"))
     photos = training_config(Profile("cpu", "local", "cpu"), "o")
     recipe = preset("cpu-photos")
     assert photos.data == "imagenette" and photos.use_bn_in_head and photos.minutes == 15

@@ -21,7 +21,7 @@ from dino_nb.loader import build_training_data
 from dino_nb.loss import Loss
 from dino_nb.model import student_teacher_from_config
 from dino_nb.presets import preset
-from dino_nb.shapes import generate
+from dino_nb.sources import generate
 from dino_nb.step import build_run, seed_everything, train_step
 from dino_nb.train import NonFiniteLossError, export_backbone, train
 

@@ -223,7 +223,7 @@ def training_preset(profile: Profile) -> str:
     notebooks' variants (:func:`dino_nb.cli.auto_preset`), ImageNette counting as photos when
     it is found.
     """
-    from ..datasets import imagenette_available
+    from ..sources import imagenette_available
 
     if profile.name == "ci":
         return "cpu"
@@ -318,8 +318,8 @@ def sample_images(
         per_class: images per class.
         photos: include scikit-learn's sample photographs.
     """
-    from ..datasets import class_names, find_imagenette, rgb_loader
-    from ..shapes import ensure_builtin_dataset
+    from ..datasets import rgb_loader
+    from ..sources import class_names, ensure_builtin_dataset, find_imagenette
 
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")

@@ -6,8 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..datasets import find_imagenette
-from ..shapes import default_data_dir
+from ..sources import default_data_dir, find_imagenette
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

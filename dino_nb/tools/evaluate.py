@@ -287,9 +287,9 @@ def _write_figures(
     vit: bool,
 ) -> None:
     """Embedding maps, neighbours, confusion matrix and attention grids as PNGs in ``out``."""
-    from ..datasets import class_names
     from ..notebook import figures as viz
     from ..notebook.attention import cls_attention_maps, embeds_class_token
+    from ..sources import class_names
 
     classes = class_names(bundle.classes)  # type: ignore[attr-defined]  # ImageNette ids -> "tench", ...
     val_images = _Images(bundle.val_plain)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dino_nb import shapes as S
+from dino_nb import sources as S
 
 
 def files(root):
