@@ -10,6 +10,7 @@ run code. A file that does not load gets one message naming it and saying what i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -17,6 +18,7 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,47 +52,74 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
-def save_atomic(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then ``os.replace``.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, keep_previous: bool = False) -> Iterator[Path]:
+    """Write ``path`` all at once: yields a temporary file beside it, then fsyncs and renames it.
 
-    A crash or a kill at any point leaves either the old file or the new one, never a
-    truncated file under the final name.
+    The project's one way to write a file that must never be seen half written (checkpoints,
+    embeddings, the pixel cache): a crash or a kill at any point leaves either the old file or
+    the new one under ``path``, never a truncated one. The temporary file is removed on error.
 
     Args:
-        obj: what to save: tensors and plain containers, so that :func:`load` accepts it.
-        path: the final file name.
+        path: the final file name; its folder is created.
         keep_previous: keep the file being replaced as :func:`previous_path` (the run's
             ``checkpoint.pth``). The previous copy is hard-linked into place before the new
             file replaces ``path``, so ``path`` never goes missing; where links are not
             supported the old file is renamed instead, and for that instant the previous
             copy is the good one.
 
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+    Yields:
+        the temporary file's path: write it completely (by name, not by a file object kept open).
+
+    Examples:
+        >>> with atomic_file("out/embeddings.npy") as tmp:  # doctest: +SKIP
+        ...     np.save(tmp.open("wb"), features)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs may be shared
         if keep_previous and path.is_file():
-            prev = previous_path(path)
-            link = Path(f"{tmp}.prev")
-            try:
-                os.link(path, link)  # the previous copy, while path still holds the same file
-                os.replace(link, prev)
-            except OSError:
-                link.unlink(missing_ok=True)
-                os.replace(path, prev)  # no hard links here: for an instant only prev and tmp exist
+            _keep_previous(path, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def _keep_previous(path: Path, tmp: Path) -> None:
+    """Put the current ``path`` at :func:`previous_path`, leaving ``path`` in place if it can."""
+    prev = previous_path(path)
+    link = Path(f"{tmp}.prev")
+    try:
+        os.link(path, link)  # the previous copy, while path still holds the same file
+        os.replace(link, prev)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, prev)  # no hard links here: for an instant only prev and tmp exist
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> Path:
+    """``torch.save`` through :func:`atomic_file`: the file is the old one or the new one, never half.
+
+    Args:
+        obj: what to save: tensors and plain containers, so that :func:`load` accepts it.
+        path: the final file name.
+        keep_previous: keep the replaced file as :func:`previous_path` (see :func:`atomic_file`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    with atomic_file(path, keep_previous) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 #: The first bytes of a zip archive (PyTorch's format since 1.6) and of the legacy format's pickle.

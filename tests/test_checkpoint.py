@@ -54,7 +54,8 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch, error):
     before = path.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
+        with open(f, "wb") as out:  # the temporary file, by name
+            out.write(b"PK\x03\x04 half a checkpoint")
         raise error
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -69,7 +70,8 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch, error):
 
 def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b"junk")
+        with open(f, "wb") as out:
+            out.write(b"junk")
         raise OSError("no space left")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -307,3 +309,27 @@ def test_fallback_when_neither_loads(tmp_path):
     assert_clear(
         info, path, "neither copy loads", "is empty", str(C.previous_path(path)), "is a text file"
     )
+
+
+def test_atomic_file_is_the_one_writer_of_embeddings_and_the_pixel_cache() -> None:
+    """One home for atomic writes: the tools and the fast path use checkpoint.atomic_file."""
+    import inspect
+
+    from dino_nb.fast import cache
+    from dino_nb.tools import embed
+
+    for module in (cache, embed):
+        source = inspect.getsource(module)
+        assert "atomic_file" in source and "mkstemp" not in source and "os.replace" not in source
+
+
+def test_atomic_file_writes_by_name_and_cleans_up_on_error(tmp_path) -> None:
+    path = tmp_path / "sub" / "out.bin"
+    with C.atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and not path.exists()
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["out.bin"]
+    with pytest.raises(ValueError), C.atomic_file(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise ValueError("stop")
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["out.bin"]

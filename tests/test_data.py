@@ -292,7 +292,10 @@ def test_builtin_still_resolves(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_NB_DATA", str(tmp_path))
     calls = []
     monkeypatch.setattr(sources, "ensure_builtin_dataset", lambda: calls.append(1) or tmp_path)
-    assert sources.resolve_data_root(None) == tmp_path and sources.resolve_data_root("builtin") == tmp_path
+    assert (
+        sources.resolve_data_root(None) == tmp_path
+        and sources.resolve_data_root("builtin") == tmp_path
+    )
     assert len(calls) == 2
 
 

@@ -23,7 +23,7 @@ drawing ten small views one at a time. Here:
 Where the cache lives: ``<data>/.dino_nb_cache/`` beside the split folders (``<data>`` is
 the folder holding ``train/``), or, when that is read-only, ``$DINO_NB_CACHE`` or
 ``~/.cache/dino_nb/``. A folder without write permission bits counts as read-only even for
-root. Writes are atomic (a temporary file, then ``os.replace``): a killed build leaves no
+root. Writes go through :func:`dino_nb.checkpoint.atomic_file`: a killed build leaves no
 partial file under the final name.
 
 Examples:
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..augment import MultiCropSettings
+from ..checkpoint import atomic_file
 from ..datasets import DataWarning
 from .crops import DecodeResize, GPUMultiCrop
 
@@ -147,28 +147,23 @@ def _build(
     """Decode every sample into a temporary ``.npy`` beside ``path``, then rename it to ``path``."""
     shape = (len(samples), 3, canvas, canvas)
     decode = DecodeResize(canvas)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    pool = ThreadPoolExecutor(max_workers=workers)  # PIL releases the GIL while decoding
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # (N, 3, C, C)
-        results = pool.map(_decode, [decode] * len(samples), [p for p, _ in samples])
-        desc = f"caching {len(samples)} images at {canvas}px"
-        for i, pixels in enumerate(
-            tqdm(results, total=len(samples), desc=desc, unit="img", disable=not progress)
-        ):
-            out[i] = pixels
-        out.flush()
-        del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    pool.shutdown()
+    # PIL releases the GIL while decoding; on error the pending decodes are cancelled
+    with atomic_file(path) as tmp, ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=shape
+            )  # (N, 3, C, C)
+            results = pool.map(_decode, [decode] * len(samples), [p for p, _ in samples])
+            desc = f"caching {len(samples)} images at {canvas}px"
+            for i, pixels in enumerate(
+                tqdm(results, total=len(samples), desc=desc, unit="img", disable=not progress)
+            ):
+                out[i] = pixels
+            out.flush()
+            del out
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def canvas_cache(

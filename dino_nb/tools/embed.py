@@ -26,9 +26,8 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load, save_atomic
+from ..checkpoint import atomic_file, load, save_atomic
 from ..datasets import DataWarning, ImageFiles, find_unreadable, plain_transform, rgb_loader
 from ..distributed import pick_device
 from ..evaluation import extract_features, nearest_neighbours
@@ -170,21 +169,6 @@ def _write_cache(path: Path, identity: str, size: int, known: dict[str, torch.Te
     )
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file through a temporary file beside it and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _index_csv(paths: Sequence[str]) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -280,8 +264,10 @@ def embed_folder(
     if out_dir is not None:
         if cache_path is not None and set(cached) != set(known):  # also drops stale entries
             _write_cache(cache_path, model.identity, model.image_size, known)
-        _write_atomic(out_dir / EMBEDDINGS, lambda f: np.save(f, result.features))
-        _write_atomic(out_dir / INDEX, lambda f: f.write(_index_csv(result.paths)))
+        with atomic_file(out_dir / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
+            np.save(f, result.features)
+        with atomic_file(out_dir / INDEX) as tmp:
+            tmp.write_bytes(_index_csv(result.paths))
         meta = {
             "data": str(root.resolve()),
             "model": model.source,
@@ -290,9 +276,8 @@ def embed_folder(
             "rows": len(result.paths),
             "dim": int(result.features.shape[1]),
         }
-        _write_atomic(
-            out_dir / META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())
-        )
+        with atomic_file(out_dir / META) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return result
 
 
