@@ -13,6 +13,7 @@ its pinned default in the test).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -270,80 +271,84 @@ class TrainConfig:
         return cls(**values)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Refuse contradictory or impossible settings before any work starts.
+#: Fields that must be positive.
+_POSITIVE = (
+    "batch_size", "epochs", "eval_every", "log_every", "save_every", "out_dim", "global_size",
+    "local_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "base_lr",
+)  # fmt: skip
+#: Fields that may be 0 (off, or none), with what 0 means.
+_NON_NEGATIVE = {
+    "n_local_crops": "2 global crops + n_local_crops",
+    "koleo_weight": "0 turns it off",
+    "clip_grad": "0 turns it off",
+}
+#: Momenta: fractions.
+_UNIT_INTERVAL = ("momentum_teacher", "momentum_teacher_end", "center_momentum")
+#: Epoch counts inside the run.
+_WITHIN_EPOCHS = ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer")
+#: Fields whose values are named.
+_CHOICES = {"teacher_centering": Centering, "precision": Precision, "device": Device}
 
-    Raises:
-        ValueError: one message listing every problem found.
-    """
-    problems = []
-    for name in (
-        "batch_size",
-        "epochs",
-        "eval_every",
-        "log_every",
-        "save_every",
-        "out_dim",
-        "global_size",
-        "local_size",
-    ):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.canvas_size is not None and cfg.canvas_size < cfg.global_size:
-        problems.append(
-            f"canvas_size ({cfg.canvas_size}) must be at least global_size ({cfg.global_size})"
-        )
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    """Each field outside its range, one message each."""
+    value = functools.partial(getattr, cfg)
+    problems = [f"{n} must be positive, got {value(n)}" for n in _POSITIVE if value(n) <= 0]
+    problems += [
+        f"{n} must be >= 0 ({why}), got {value(n)}"
+        for n, why in _NON_NEGATIVE.items()
+        if value(n) < 0
+    ]
+    problems += [
+        f"{n} must be in [0, 1], got {value(n)}" for n in _UNIT_INTERVAL if not 0 <= value(n) <= 1
+    ]
+    problems += [
+        f"{n} ({value(n)}) must be between 0 and epochs ({cfg.epochs})"
+        for n in _WITHIN_EPOCHS
+        if not 0 <= value(n) <= cfg.epochs
+    ]
+    problems += [
+        f"{n} must be one of {typing.get_args(kind)}, got {value(n)!r}"
+        for n, kind in _CHOICES.items()
+        if value(n) not in typing.get_args(kind)
+    ]
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = value(name)
+        if not 0 < low <= high <= 1:
+            problems.append(f"{name} must be 0 < low <= high <= 1, got {value(name)}")
+    if not 0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1]:
+        problems.append(f"blur_sigma must be 0 < low <= high, got {cfg.blur_sigma}")
     if cfg.max_steps is not None and cfg.max_steps < 0:
         problems.append(f"max_steps must be >= 0, got {cfg.max_steps}")
     if cfg.minutes is not None and not (math.isfinite(cfg.minutes) and cfg.minutes > 0):
         problems.append(f"minutes must be a positive number, got {cfg.minutes}")
-    if cfg.n_local_crops < 0:
-        problems.append(
-            f"n_local_crops must be >= 0 (2 global crops + n_local_crops), got {cfg.n_local_crops}"
-        )
-    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        problems.append(
-            f"warmup_epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})"
-        )
-    if not 0 <= cfg.warmup_teacher_temp_epochs <= cfg.epochs:
-        problems.append(
-            f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) must be between 0 and epochs ({cfg.epochs})"
-        )
-    if not 0 <= cfg.freeze_last_layer <= cfg.epochs:
-        problems.append(
-            f"freeze_last_layer ({cfg.freeze_last_layer}) must be between 0 and epochs ({cfg.epochs})"
-        )
-    for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
-    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp", "base_lr"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.teacher_centering not in typing.get_args(Centering):
-        problems.append(
-            f"teacher_centering must be one of {typing.get_args(Centering)}, got {cfg.teacher_centering!r}"
-        )
-    for name in ("global_crops_scale", "local_crops_scale"):
-        low, high = getattr(cfg, name)
-        if not 0 < low <= high <= 1:
-            problems.append(f"{name} must be 0 < low <= high <= 1, got {getattr(cfg, name)}")
-    low, high = cfg.blur_sigma
-    if not 0 < low <= high:
-        problems.append(f"blur_sigma must be 0 < low <= high, got {cfg.blur_sigma}")
-    if cfg.koleo_weight < 0:
-        problems.append(f"koleo_weight must be >= 0 (0 turns it off), got {cfg.koleo_weight}")
-    if cfg.clip_grad < 0:
-        problems.append(f"clip_grad must be >= 0 (0 turns it off), got {cfg.clip_grad}")
     if cfg.gpu_augment not in (True, False, "auto"):
         problems.append(f"gpu_augment must be true, false or 'auto', got {cfg.gpu_augment!r}")
-    for name, kind in (("precision", Precision), ("device", Device)):
-        if getattr(cfg, name) not in typing.get_args(kind):
-            problems.append(
-                f"{name} must be one of {typing.get_args(kind)}, got {getattr(cfg, name)!r}"
-            )
+    return problems
+
+
+def _contradictions(cfg: TrainConfig) -> list[str]:
+    """Settings that are fine alone and impossible together, or that point at nothing."""
+    problems = []
+    if cfg.canvas_size is not None and cfg.canvas_size < cfg.global_size:
+        problems.append(
+            f"canvas_size ({cfg.canvas_size}) must be at least global_size ({cfg.global_size})"
+        )
     if cfg.precision == "fp16" and cfg.device == "cpu":  # device auto: resolve_precision checks
         problems.append("precision fp16 needs a GPU (device is 'cpu'); use fp32 or bf16")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
         problems.append(f"resume: checkpoint not found: {cfg.resume}")
+    return problems
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse contradictory or impossible settings before any work starts.
+
+    The one home of the config's rules: the building blocks check only their own arguments.
+
+    Raises:
+        ValueError: one message listing every problem found.
+    """
+    problems = _range_problems(cfg) + _contradictions(cfg)
     if problems:
         raise ValueError("; ".join(problems))
