@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from .checkpoint import backbone_state_dict
+from .config import TrainConfig
 
 #: Names that DINO users reach for; the tutorial's ``vit_deit_small_patch16_224`` is gone
 #: from timm (it is ``deit_small_patch16_224`` now, and the paper's ViT-S/16 is
@@ -164,8 +164,6 @@ def backbone_from_checkpoint(
     Returns:
         the timm backbone in eval mode, with the checkpoint's weights.
     """
-    from .checkpoint import backbone_state_dict
-
     state, cfg = backbone_state_dict(path, which, map_location)
     backbone = build_backbone(cfg["model"], False, **dict(cfg.get("model_kwargs") or {}))
     backbone.load_state_dict(state)

@@ -15,7 +15,7 @@ import contextlib
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,9 +289,6 @@ def cancel_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 
 # --------------------------------------------------------------------------- schedules
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
 
 
 def cosine_schedule(
