@@ -26,11 +26,11 @@ __version__ = "0.1.0"
 # The modules that are also command-line programs (``python -m dino_nb.evaluate``, ``.train``,
 # ``.data``) are imported on first use, so that running them does not import them twice.
 _LAZY = {
-    name: "evaluate"
+    name: "evaluation"
     for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")
 }
 _LAZY.update({name: "train" for name in ("TrainResult", "export_backbone")})
-_LAZY.update({name: "engine" for name in ("Run", "build_run", "train_step")})
+_LAZY.update({name: "step" for name in ("Run", "build_run", "train_step")})
 _LAZY.update({name: "config" for name in ("TrainConfig", "preset")})
 
 

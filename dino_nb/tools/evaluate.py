@@ -205,8 +205,8 @@ def _write_figures(
 ) -> None:
     """Embedding maps, neighbours, confusion matrix and attention grids as PNGs in ``out``."""
     from ..datasets import class_names
-    from ..notebook.attention import cls_attention_maps, embeds_class_token
     from ..notebook import figures as viz
+    from ..notebook.attention import cls_attention_maps, embeds_class_token
 
     classes = class_names(bundle.classes)  # type: ignore[attr-defined]  # ImageNette ids -> "tench", ...
     val_images = _Images(bundle.val_plain)  # type: ignore[attr-defined]
