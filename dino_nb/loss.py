@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -310,66 +309,3 @@ def collapse_signals(
         "batch_entropy": batch_mean_entropy(teacher_probs),
         "kl": loss.detach() - h,
     }
-
-
-class CollapseMonitor:
-    """Watches logged values and warns, once, when training looks collapsed, saying what to try.
-
-    Both checks wait until ``warmup_steps`` (at initialisation the loss is near ``log K`` and
-    a random ViT maps every image to nearly the same feature, so both look collapsed) and
-    need ``patience`` logged values in a row, so that one noisy value does not fire.
-
-    Args:
-        out_dim: K, the number of prototypes.
-        warmup_steps: steps before which nothing is judged (e.g. the lr warmup's length).
-        patience: consecutive logged values that must all look collapsed.
-        uniform_fraction: the loss counts as "stuck at log K" above this fraction of it. A
-            healthy loss leaves ``log K`` during the warmup; uniform outputs keep it there.
-        min_batch_entropy: nats; below it the batch-mean entropy counts as collapsed: 0.5
-            means fewer than ``e^0.5 = 1.65`` prototypes in use by the whole batch.
-    """
-
-    def __init__(
-        self,
-        out_dim: int,
-        warmup_steps: int = 0,
-        patience: int = 10,
-        uniform_fraction: float = 0.9,
-        min_batch_entropy: float = 0.5,
-    ) -> None:
-        if out_dim < 2 or patience < 1 or not 0 < uniform_fraction < 1 or min_batch_entropy < 0:
-            raise ValueError(
-                f"need out_dim >= 2, patience >= 1, 0 < uniform_fraction < 1, min_batch_entropy >= 0; got "
-                f"{out_dim}, {patience}, {uniform_fraction}, {min_batch_entropy}"
-            )
-        self.log_k, self.warmup_steps, self.patience = math.log(out_dim), warmup_steps, patience
-        self.uniform_fraction, self.min_batch_entropy = uniform_fraction, min_batch_entropy
-        self.fired = False
-        self._uniform_run = self._one_hot_run = 0  # consecutive collapsed-looking values
-
-    def update(self, step: int, loss: float, batch_entropy: float | None = None) -> str | None:
-        """Feed one logged step; returns a warning the first time a collapse is detected, else None."""
-        if step < self.warmup_steps or self.fired:
-            return None
-        self._uniform_run = (
-            self._uniform_run + 1 if loss > self.uniform_fraction * self.log_k else 0
-        )
-        low = batch_entropy is not None and batch_entropy < self.min_batch_entropy
-        self._one_hot_run = self._one_hot_run + 1 if low else 0
-        if self._uniform_run >= self.patience:
-            self.fired = True
-            return (
-                f"step {step}: the loss has stayed above {self.uniform_fraction:.0%} of log K = "
-                f"{self.log_k:.2f} for {self.patience} logged values: the teacher's outputs are uniform "
-                "(centering dominates). Try a lower --teacher-temp / --warmup-teacher-temp, and check "
-                "that the learning rate is not ~0 (--base-lr, the warmup)."
-            )
-        if self._one_hot_run >= self.patience:
-            self.fired = True
-            return (
-                f"step {step}: the batch-mean teacher entropy has stayed below {self.min_batch_entropy} nats "
-                f"for {self.patience} logged values: every sample is on the same prototype (sharpening "
-                "dominates). Try a longer --warmup-teacher-temp-epochs or a higher --warmup-teacher-temp, a "
-                "lower --center-momentum (a faster center), or a lower --base-lr."
-            )
-        return None

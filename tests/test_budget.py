@@ -1,10 +1,15 @@
-"""Tests for the wall-time budget, on a fake clock."""
+"""Tests for the wall-time budget and the decision all ranks take, on a fake clock."""
 
 import math
+import sys
 
 import pytest
+import torch
 
-from dino_nb.books import TimeBudget
+from dino_nb.budget import Budget, Decision, TimeBudget
+from dino_nb.distributed import DistInfo
+from dino_nb.presets import preset
+from dino_nb.step import Schedules
 
 
 class FakeClock:
@@ -154,3 +159,120 @@ def test_a_slow_start_after_the_warmup_does_not_shrink_the_run():
     assert budget.step_seconds == pytest.approx(0.4)
     used = 9.0 + 7 * 1.7 + 40 * 0.4
     assert budget.total_steps() == 50 + math.floor((300 - used) / 0.4 + 1e-9)
+
+
+# ----------------------------------------------------------------------------- Budget
+
+
+class FakeRun:
+    """What :class:`Budget` reads of a run (config, process, global batch, schedules).
+
+    ``laid`` records the length of every assignment of ``schedules`` after the first, which
+    :func:`~dino_nb.step.build_run` makes.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, **overrides):
+        self.cfg = preset(
+            "cpu", **{"epochs": 2, "eval_every": 1000, "max_steps": None, **overrides}
+        )
+        self.info = DistInfo(rank, world_size, rank, torch.device("cpu"))
+        self.global_batch = self.cfg.batch_size * world_size
+        self._schedules = Schedules(self.cfg, self.cfg.epochs * 5, self.global_batch)  # 5 per epoch
+        self.laid: list[int] = []
+
+    @property
+    def schedules(self) -> Schedules:
+        return self._schedules
+
+    @schedules.setter
+    def schedules(self, value: Schedules) -> None:
+        self.laid.append(len(value))
+        self._schedules = value
+
+
+def agree_over(budgets, step, signalled=()):
+    """What :func:`~dino_nb.distributed.agree` does across ranks: sum the proposals, all follow."""
+    proposals = [b.proposal(step, rank in signalled) for rank, b in enumerate(budgets)]
+    summed = [sum(column) for column in zip(*proposals, strict=True)]
+    return [b.follow(summed) for b in budgets]
+
+
+def started(minutes, clock):
+    budget = TimeBudget(minutes, clock=clock)
+    budget.start()
+    return budget
+
+
+def test_two_ranks_agree_on_rank_0s_step_count_and_stop_together():
+    """Rank 0 alone has a clock (1 s per step, 1 minute): both ranks lay its count, fix it, stop."""
+    clock = FakeClock()
+    runs = [FakeRun(rank, 2, minutes=1.0) for rank in range(2)]
+    budgets = [Budget(runs[0], started(1.0, clock)), Budget(runs[1], None)]
+    assert [b.last_step for b in budgets] == [sys.maxsize] * 2  # open-ended until it is fixed
+    step, settled_at = 0, []
+    while step < budgets[0].last_step:
+        clock.t += 1.0
+        step += 1
+        decisions = agree_over(budgets, step)
+        assert decisions[0] == decisions[1]
+        assert len(runs[0].schedules) == len(runs[1].schedules)  # the same recipe on both ranks
+        if decisions[0].settled:
+            settled_at.append(step)
+    assert settled_at == [15]  # 25% of the minute: calibrated
+    assert step == 58 == len(runs[0].schedules) == len(runs[1].schedules)  # 15 + (58.8 - 15) // 1
+    assert budgets[0].state() == budgets[1].state() == {"total_steps": 58, "schedule_fixed": True}
+
+
+def test_schedules_are_laid_over_the_estimate_then_never_again_once_fixed():
+    """While measuring, the schedules follow the estimate; once fixed, nothing lays them again."""
+    clock = FakeClock()
+    run = FakeRun(minutes=1.0)
+    budget = Budget(run, started(1.0, clock))
+    assert run.laid == []  # build_run laid the first ones
+    step, decision = 0, Decision(budget.last_step)
+    while step < decision.last_step and not decision.stop:
+        step += 1
+        clock.t += (0.5, 1.0, 2.0)[step % 3] if step <= 15 else 3.0  # noisy, then much slower
+        decision = budget.agree(step, signalled=False)
+        if decision.settled:
+            fixed, laid = run.schedules, len(run.laid)
+    assert budget.time_budget.total is not None
+    assert len(run.laid) > 1, "the estimate moved while measuring"
+    assert all(a != b for a, b in zip(run.laid, run.laid[1:], strict=False))  # only on a change
+    assert len(run.laid) == laid and run.schedules is fixed  # never after the count was fixed
+    assert len(run.schedules) == budget.time_budget.total == run.laid[-1]
+    assert decision.stop == "time" and step < len(run.schedules)  # the slow steps ran out of time
+
+
+def test_without_a_budget_the_schedules_of_build_run_stay():
+    run = FakeRun(max_steps=7)
+    first = run.schedules
+    budget = Budget(run, None)
+    decisions = [budget.agree(step, signalled=False) for step in range(1, 8)]
+    assert run.schedules is first
+    assert decisions[0] == Decision(last_step=7)  # max_steps caps the 10 steps of 2 epochs
+    assert not any(d.settled or d.stop for d in decisions)
+
+
+def test_a_signal_on_any_rank_stops_every_rank():
+    budgets = [Budget(FakeRun(rank, 2), None) for rank in range(2)]
+    assert [d.stop for d in agree_over(budgets, 1)] == [None, None]
+    assert [d.stop for d in agree_over(budgets, 2, signalled={1})] == ["signal", "signal"]
+
+
+@pytest.mark.parametrize(
+    ("saved", "minutes", "total", "fixed"),
+    [
+        ({"config": {"minutes": 1.0}, "total_steps": 58, "schedule_fixed": True}, 1.0, 58, True),
+        ({"config": {"minutes": 1.0}, "total_steps": 58, "schedule_fixed": False}, 1.0, 10, False),
+        ({"config": {"minutes": None}, "total_steps": 4, "schedule_fixed": True}, None, 10, True),
+        ({"config": {"minutes": 1.0}, "total_steps": 58, "schedule_fixed": True}, None, 58, True),
+    ],
+)
+def test_a_resumed_budget_run_keeps_its_count_and_an_epoch_run_follows_epochs(
+    saved, minutes, total, fixed
+):
+    """A fixed budget count is kept; one not yet fixed is measured again; epochs may extend."""
+    run = FakeRun(minutes=minutes)
+    budget = Budget(run, None, saved)
+    assert len(run.schedules) == total and budget.fixed == fixed

@@ -10,6 +10,7 @@ TF32 left off, and a batch that does not fit. CUDA is simulated: a checkpoint lo
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,12 +20,14 @@ import dino_nb.distributed as distributed
 import dino_nb.loader as loader
 import dino_nb.train as train_module
 from dino_nb import checkpoint as ckpt_io
+from dino_nb.books import Logger
 from dino_nb.distributed import DistInfo, allow_tf32, native_bf16, resolve_precision
 from dino_nb.evaluation import autocast_dtype
 from dino_nb.loader import decide_gpu_augment, default_num_workers
 from dino_nb.model import student_teacher_from_config
 from dino_nb.presets import preset
 from dino_nb.step import build_run
+from dino_nb.tools import memory
 from dino_nb.tools.memory import memory_estimate
 from dino_nb.train import TrainResult, train
 
@@ -235,20 +238,52 @@ def test_each_rank_saves_and_restores_its_own_cuda_generator(
     assert restored == {1: ("cpu", 1)}
 
 
-def test_a_failing_memory_estimate_does_not_stop_the_run(
-    tiny_data: Path,  # noqa: F811
-    tmp_path: Path,
+def test_the_memory_line_says_when_the_estimate_fails(
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
 ) -> None:
-    cfg = tiny_config(tiny_data, tmp_path / "run")
-    run = build_run(cfg, steps_per_epoch=5)
-    train_module._announce_memory(cfg, run)
-    assert capsys.readouterr().out.startswith("memory estimate at batch 8 (fp32)")
+    """The estimate is advice: a backbone it cannot measure gives a line, not an error."""
+    cfg = preset("t4", batch_size=8, precision="fp32")
+    assert memory.memory_line(cfg).startswith("memory estimate at batch 8 (fp32)")
 
     def broken(*args, **kwargs):
         raise AttributeError("this backbone has no blocks")
 
-    monkeypatch.setattr(train_module, "memory_estimate", broken)
-    train_module._announce_memory(cfg, run)
-    assert "memory estimate unavailable (AttributeError" in capsys.readouterr().out
+    monkeypatch.setattr(memory, "memory_estimate", broken)
+    assert "memory estimate unavailable (AttributeError" in memory.memory_line(cfg)
+
+
+def test_the_memory_estimate_has_a_command_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``python -m dino_nb.tools.memory --preset t4 --batch-size 256``: the line, for a T4 here too."""
+
+    class Props:
+        total_memory = 12 * 2**30
+
+    assert memory.main(["--preset", "t4", "--batch-size", "256", "--precision", "fp16"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("memory estimate at batch 256 (fp16)") and "device" not in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))  # a T4
+    assert memory.main(["--preset", "t4", "--batch-size", "256"]) == 0
+    line = capsys.readouterr().out
+    assert (
+        "(fp16)" in line
+        and "of the device's 12.0 GiB; likely too much: try --batch-size 128" in line
+    )
+
+
+def test_a_run_prints_no_estimate_but_the_memory_its_first_step_took(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The loop measures (the estimate lives in tools/, which the core does not import)."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    run = SimpleNamespace(info=SimpleNamespace(is_main=True), device=CUDA)
+    logger = SimpleNamespace(enabled=True, run=run)
+    bar = SimpleNamespace(write=print)
+    Logger.peak_memory(logger, bar)  # type: ignore[arg-type]
+    assert capsys.readouterr().out == "peak GPU memory after the first step: 3.0 GiB\n"
+    logger.enabled = False  # rank 1 says nothing
+    Logger.peak_memory(logger, bar)  # type: ignore[arg-type]
+    assert capsys.readouterr().out == ""

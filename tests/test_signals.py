@@ -1,4 +1,4 @@
-"""Oracle tests for the collapse signals and the collapse monitor."""
+"""Oracle tests for the collapse signals (the monitor that watches them: test_books.py)."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from dino_nb.loss import (
-    CollapseMonitor,
     Loss,
     batch_mean_entropy,
     collapse_signals,
@@ -125,54 +124,3 @@ def test_signals_under_autocast_equal_float32(dtype):
     for name, value in found.items():
         assert value.dtype == torch.float32 and torch.isfinite(value), name
         torch.testing.assert_close(value, expected[name], msg=name)
-
-
-def test_monitor_fires_once_on_uniform_collapse():
-    k = 1024
-    monitor = CollapseMonitor(k, warmup_steps=100, patience=5)
-    stuck = 0.99 * math.log(k)
-    messages = [monitor.update(step, stuck) for step in range(0, 1000, 10)]
-    fired = [
-        (step, m) for step, m in zip(range(0, 1000, 10), messages, strict=True) if m is not None
-    ]
-    assert len(fired) == 1
-    step, message = fired[0]
-    assert step == 140  # steps 100, 110, 120, 130, 140: five logged values after the warmup
-    assert "uniform" in message and "--teacher-temp" in message and "log K" in message
-
-
-def test_monitor_fires_once_on_one_prototype_collapse():
-    monitor = CollapseMonitor(1024, patience=3)
-    messages = [monitor.update(step, 2.0, batch_entropy=0.01) for step in range(10)]
-    assert [m is not None for m in messages] == [False, False, True] + [False] * 7
-    assert "same prototype" in messages[2] and "--warmup-teacher-temp-epochs" in messages[2]
-
-
-def test_monitor_quiet_on_healthy_and_noisy_runs():
-    k = 65536
-    monitor = CollapseMonitor(k, warmup_steps=10, patience=4)
-    # a loss that starts at log K and falls, batch entropy that starts at 0 (random ViT) and grows
-    for step in range(200):
-        loss = math.log(k) * max(1 - step / 20, 0.3)
-        batch_entropy = min(step / 10, 4.0)
-        assert monitor.update(step, loss, batch_entropy) is None
-    # single collapsed-looking values between healthy ones reset the streak
-    noisy = CollapseMonitor(k, patience=3)
-    for step in range(50):
-        bad = step % 3 == 0
-        assert noisy.update(step, 11.0 if bad else 5.0, 0.1 if bad else 3.0) is None
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"out_dim": 1},
-        {"patience": 0},
-        {"uniform_fraction": 1.0},
-        {"uniform_fraction": 0},
-        {"min_batch_entropy": -1},
-    ],
-)
-def test_monitor_rejects_bad_settings(kwargs):
-    with pytest.raises(ValueError, match="patience"):
-        CollapseMonitor(**{"out_dim": 16, **kwargs})

@@ -104,40 +104,6 @@ def test_crop_grid():
     render(viz.crop_grid(views, ncols=2), 5)
 
 
-def test_write_projector(tmp_path):
-    embs = torch.randn(6, 5)
-    imgs = torch.rand(6, 3, 64, 64)
-    labels = ["cat", "dog", "cat", "fish", "dog", "cat"]
-    viz.write_projector(tmp_path, embs, imgs, labels, step=3, tag="val")
-    config = (tmp_path / "projector_config.pbtxt").read_text()
-    assert "val:00003" in config and "sprite" in config
-    folder = tmp_path / "00003" / "val"
-    tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
-    assert np.allclose(tensors, embs.numpy(), atol=1e-4)
-    assert (folder / "metadata.tsv").read_text().split() == labels
-    sprite = Image.open(folder / "sprite.png")
-    assert sprite.size[0] <= 3 * 48 and sprite.size[0] == sprite.size[1]
-
-
-def test_write_projector_with_writer_denormalizes(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    from dino_nb.augment import IMAGENET_MEAN, IMAGENET_STD
-
-    # a normalised black image must come out black in the sprite, not grey
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    black = (torch.zeros(2, 3, 8, 8) - mean) / std
-    with SummaryWriter(str(tmp_path)) as writer:
-        viz.write_projector(
-            writer, torch.randn(2, 4), black, [0, 1], step=0, images_normalized=True
-        )
-    sprite = np.asarray(Image.open(tmp_path / "00000" / "embedding" / "sprite.png").convert("RGB"))
-    assert sprite[:8, :8].max() == 0
-    with pytest.raises(ValueError):
-        viz.write_projector(tmp_path, torch.randn(2, 4), None, ["a"])
-
-
 def test_schedules_figure_draws_every_schedule_per_run():
     from dino_nb.presets import preset
     from dino_nb.step import Schedules

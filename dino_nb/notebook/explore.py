@@ -33,6 +33,7 @@ from ..cli import auto_preset
 from ..config import TrainConfig
 from ..distributed import pick_device
 from ..presets import preset
+from ..tools.memory import memory_line
 from .attention import threshold_mask, upsample
 from .figures import class_colors, new_figure, to_hwc, view_labels
 
@@ -234,7 +235,7 @@ def training_preset(profile: Profile) -> str:
 def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
     """One line that says, before a notebook trains, how long the run will take and how to go on.
 
-    With a time budget (``cfg.minutes``, the ``gpu`` profile's :data:`GPU_MINUTES`), the
+    On a GPU a second line estimates the memory the run needs. With a time budget (``cfg.minutes``, the ``gpu`` profile's :data:`GPU_MINUTES`), the
     minutes; without, the epochs and steps. Either way, running the cell again resumes.
 
     Args:
@@ -242,7 +243,8 @@ def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
         steps_per_epoch: ``TrainingData.steps_per_epoch``, to count the steps of a run
             without a budget (``None``: epochs only).
     """
-    where = f"{cfg.model} on {cfg.device if cfg.device != 'auto' else pick_device('auto').type}"
+    device = pick_device(cfg.device)
+    where = f"{cfg.model} on {device.type}"
     if cfg.minutes:
         length = (
             f"at most {cfg.minutes:g} minutes (a time budget: the schedules are laid over the "
@@ -251,9 +253,10 @@ def training_plan(cfg: TrainConfig, steps_per_epoch: int | None = None) -> str:
     else:
         steps = f" of {steps_per_epoch} steps" if steps_per_epoch else ""
         length = f"{cfg.epochs} epochs{steps}, no time budget"
+    memory = f"\n{memory_line(cfg)}" if device.type == "cuda" else ""  # a GPU's memory is finite
     return (
         f"training {where} for {length}; interrupted, it resumes from {relative(cfg.out)} "
-        "when the cell runs again"
+        f"when the cell runs again{memory}"
     )
 
 

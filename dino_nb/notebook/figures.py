@@ -1,4 +1,4 @@
-"""Pictures for the notebooks and the evaluation CLI (matplotlib), and TensorBoard's projector.
+"""Pictures for the notebooks and the evaluation CLI (matplotlib).
 
 Every plotting function builds and returns a ``matplotlib.figure.Figure`` and never calls
 ``plt.show``: a notebook shows the returned figure once (it is closed in pyplot, so the
@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..augment import View, denormalize
+from ..augment import View
 from ..step import Schedules
 from .attention import threshold_mask, upsample
 
@@ -558,78 +558,3 @@ def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
         fig.delaxes(ax)
     fig.tight_layout()
     return fig
-
-
-def write_projector(
-    log_dir_or_writer: str | os.PathLike | Any,
-    embeddings: torch.Tensor,
-    images: torch.Tensor | None,
-    labels: Sequence[Any],
-    step: int = 0,
-    tag: str = "embedding",
-    images_normalized: bool = False,
-    thumbnail_size: int = 48,
-) -> None:
-    """Export embeddings to TensorBoard's projector, with labels and an image sprite.
-
-    The tutorial's ``add_embedding`` call, fixed: images are denormalised correctly
-    (:func:`~dino_nb.augment.denormalize`, when ``images_normalized``) and shrunk to
-    thumbnails so the sprite stays within the projector's 8192 x 8192 limit.
-
-    Args:
-        log_dir_or_writer: a ``SummaryWriter`` (left open, flushed) or a folder for a new
-            one (closed afterwards).
-        embeddings: ``(n_samples, dim)``.
-        images: ``(n_samples, 3, H, W)`` in [0, 1] (as :func:`~dino_nb.evaluate.compute_embedding`
-            returns them), ImageNet-normalised with ``images_normalized=True``, or ``None``.
-        labels: ``n_samples`` labels (class names or numbers).
-        step: training step, the projector's checkpoint name.
-        tag: name of the embedding in the projector.
-        images_normalized: whether ``images`` still carry the ImageNet normalisation.
-        thumbnail_size: largest side of a sprite thumbnail in pixels.
-    """
-    import torch.nn.functional as F
-
-    n = embeddings.shape[0]
-    if embeddings.ndim != 2 or len(labels) != n or (images is not None and images.shape[0] != n):
-        raise ValueError(
-            f"embeddings {tuple(embeddings.shape)}, {len(labels)} labels and "
-            f"{None if images is None else tuple(images.shape)} images must describe the same samples"
-        )
-    label_img = None
-    if images is not None:
-        label_img = images.detach().float().cpu()
-        if images_normalized:
-            label_img = denormalize(label_img)
-        side = min(thumbnail_size, 8192 // math.ceil(math.sqrt(n)))
-        if max(label_img.shape[-2:]) > side:
-            scale = side / max(label_img.shape[-2:])
-            new = (
-                max(1, round(label_img.shape[-2] * scale)),
-                max(1, round(label_img.shape[-1] * scale)),
-            )
-            label_img = F.interpolate(
-                label_img, size=new, mode="bilinear", antialias=True, align_corners=False
-            )
-        label_img = label_img.clamp(0, 1)
-    metadata = [str(x).replace("\t", " ").replace("\n", " ") for x in labels]
-
-    own = isinstance(log_dir_or_writer, (str, os.PathLike))
-    if own:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(log_dir_or_writer))
-    else:
-        writer = log_dir_or_writer
-    try:
-        writer.add_embedding(
-            embeddings.detach().float().cpu(),
-            metadata=metadata,
-            label_img=label_img,
-            global_step=step,
-            tag=tag,
-        )
-        writer.flush()
-    finally:
-        if own:
-            writer.close()

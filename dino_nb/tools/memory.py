@@ -14,18 +14,26 @@ minutes into a session. :func:`memory_estimate` says it before the first step, f
   that in fp32, summed over every crop; plus the head's hidden and output activations.
 
 The teacher runs without gradients, so it keeps no activations. The training loop prints
-the estimate before the first step on a GPU and the measured peak after it.
+the measured peak after the first step on a GPU; before a run,
+``python -m dino_nb.tools.memory --preset t4 --batch-size 256`` (the training command's
+options) prints the estimate, and :func:`memory_line` gives it to a notebook.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..cli import config_from_args
 from ..config import TrainConfig
+from ..distributed import pick_device, resolve_precision
+from ..model import student_teacher_from_config
 
 GIB = 2**30
+#: The autocast dtype of an explicit ``--precision`` (``auto`` depends on the device).
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Bytes of activations per token, per unit of width, per block, in 16-bit (Korthikanti et al.).
 ACTIVATION_BYTES_16BIT = 34
 
@@ -82,8 +90,6 @@ def memory_estimate(
         dtype: the autocast dtype (``None``: fp32, activations twice as large).
         device: a CUDA device whose total memory the estimate is compared with.
     """
-    from ..model import student_teacher_from_config
-
     shapes_only = replace(cfg, pretrained=False)  # no weights to fetch
     try:
         with torch.device("meta"):  # no memory, no time
@@ -113,3 +119,39 @@ def memory_estimate(
     return MemoryEstimate(
         parameters, state_bytes, activation_bytes, cfg.batch_size, dtype, device_bytes
     )
+
+
+def memory_line(cfg: TrainConfig, device: torch.device | str | None = None) -> str:
+    """The estimate's line for ``cfg`` on ``device``, at the precision the run would use there.
+
+    An explicit ``cfg.precision`` is taken as it is (``fp16`` gives a T4's figure on any
+    machine); ``auto`` is resolved for ``device``. An estimate that fails (a backbone of
+    another shape) says so in the line instead of raising: it is advice, and must not stop
+    what asked for it.
+
+    Args:
+        cfg: the run's configuration.
+        device: where the run will train; default the device ``cfg.device`` picks here.
+    """
+    device = pick_device(cfg.device) if device is None else torch.device(device)
+    try:
+        auto = cfg.precision == "auto"
+        dtype = resolve_precision(cfg.precision, device) if auto else DTYPES[cfg.precision]
+        return memory_estimate(cfg, dtype, device).describe()
+    except Exception as e:  # noqa: BLE001 - any model timm builds; the estimate is advice only
+        return f"memory estimate unavailable ({type(e).__name__}: {e})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dino_nb.tools.memory [training options]``: print the run's memory estimate."""
+    try:
+        cfg = config_from_args(argv).config
+        print(memory_line(cfg))
+    except ValueError as e:  # e.g. --device cuda without a GPU
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
