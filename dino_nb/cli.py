@@ -1,10 +1,12 @@
-"""The command line of ``python -m dino_nb.train``, generated from :class:`~dino_nb.config.TrainConfig`.
+"""The command lines of the package, generated from dataclasses by one generator.
 
-Every field becomes ``--field-name`` (help text and ``--help`` group from the field's
-metadata, type from its annotation), so the parser and the dataclass cannot drift apart.
-On top: the tutorial's short options (:data:`TUTORIAL_ALIASES`), ``-c/--n-crops`` (the
-tutorial counts all crops, the config counts local ones), and the options that are not
-settings (``--preset``, ``--config``, ``--print-config``, ``--no-resume``).
+:func:`add_options` turns every field of a dataclass into ``--field-name``: help text (and
+``--help`` group) from the field's metadata, type from the annotation (``Literal``: choices,
+``bool``: ``--x/--no-x``), required when it has no default. :class:`~dino_nb.config.TrainConfig`
+gives ``python -m dino_nb.train`` its options, plus the tutorial's short options
+(:data:`TUTORIAL_ALIASES`), ``-c/--n-crops`` (the tutorial counts all crops, the config the
+local ones) and ``--preset``, ``--config``, ``--print-config``, ``--no-resume``. Each tool
+declares an options dataclass with :func:`option` and runs through :func:`run_program`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from .config import GROUPS, TrainConfig
+from .config import TrainConfig
 from .presets import PRESETS, preset
 from .sources import imagenette_available
 
@@ -34,41 +38,71 @@ TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {
     "weight_decay": ("-w",),
 }
 
-_HINTS = typing.get_type_hints(TrainConfig)
+#: Exceptions that mean bad input (a missing file, a wrong value): one line and exit code 2.
+INPUT_ERRORS = (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError)
+
+#: Field metadata that is not an ``add_argument`` keyword.
+_META = ("help", "group", "min", "one_of")
+
+Options = TypeVar("Options")
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}"
-        )
-    return value
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A field of a tool's options dataclass: default (none: required) and help text.
+
+    ``meta``: ``min`` (smaller values are refused), ``group`` (a ``--help`` section),
+    ``one_of`` (exactly one of the options sharing the name must be given), and
+    ``add_argument`` keywords (``metavar``, ``nargs``, ``const``) that override the annotation's.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
-def _option_kwargs(f: dataclasses.Field) -> dict[str, Any]:
-    """``add_argument`` keywords for one field, from its type annotation."""
-    hint = _HINTS[f.name]
+def _option_kwargs(name: str, hint: Any, low: float | None = None) -> dict[str, Any]:
+    """``add_argument`` keywords for a field called ``name``, from its type annotation."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = (
-        args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-    )  # X | None -> X
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = args[0] if union else hint  # X | None -> X
     if base is bool and len(args) > 1:  # bool | Literal["auto"]: --gpu-augment [auto|on|off]
         return {"type": _auto_bool, "nargs": "?", "const": True, "metavar": "auto|on|off"}
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(base) is typing.Literal:
         return {"choices": list(typing.get_args(base))}
-    if typing.get_origin(base) is tuple:
-        return {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH")}
+    if typing.get_origin(base) is tuple:  # tuple[int, ...]: --ks 10 20; tuple[float, float]
+        item, *more = typing.get_args(base)
+        if more == [Ellipsis]:
+            return {"type": _at_least(item, low), "nargs": "+", "metavar": name.upper()}
+        return {"type": item, "nargs": 1 + len(more), "metavar": ("LOW", "HIGH")}
     if typing.get_origin(base) is dict:
         return {"type": _json_object, "metavar": "JSON"}
     if base is not hint:  # optional: "none" gives None (e.g. --minutes none: no time budget)
-        return {"type": _or_none(base), "metavar": f"{f.name.upper()}|none"}
-    return {"type": base, "metavar": f.name.upper()}
+        return {"type": _or_none(_at_least(base, low)), "metavar": f"{name.upper()}|none"}
+    return {"type": _at_least(base, low), "metavar": name.upper()}
+
+
+def _at_least(convert: Callable[[str], Any], low: float | None) -> Any:
+    """An argparse type: ``convert``, refusing values below ``low`` (``None``: no bound)."""
+    if low is None:
+        return convert
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in its errors
+    return parse
+
+
+def _or_none(convert: Callable[[str], Any]) -> Any:
+    """An argparse type: ``none`` (any case) is ``None``, anything else goes through ``convert``."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in its errors
+    return parse
 
 
 def _auto_bool(text: str) -> bool | str:
@@ -83,14 +117,91 @@ def _auto_bool(text: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
 
 
-def _or_none(convert: type) -> Any:
-    """An argparse type: ``none`` (any case) is ``None``, anything else goes through ``convert``."""
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}"
+        )
+    return value
 
-    def parse(text: str) -> Any:
-        return None if text.lower() == "none" else convert(text)
 
-    parse.__name__ = convert.__name__  # argparse names the type in its error message
-    return parse
+def _help_text(f: dataclasses.Field) -> str:
+    """The field's help, and its default unless it is required or in an either-or group."""
+    text = f.metadata["help"]
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = json.dumps(default) if isinstance(default, dict) else default
+        text += "" if "one_of" in f.metadata else f" [default: {shown}]"
+    return text.replace("%", "%%")
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    options: type,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Add an option to ``parser`` for each field of the dataclass ``options``.
+
+    Options not given stay out of the namespace: ``options(**vars(namespace))`` takes the
+    field's default, a preset keeps its value. ``aliases``: field -> extra option strings.
+    """
+    hints = typing.get_type_hints(options)
+    sections: dict[str, Any] = {"": parser}  # --help section or either-or group -> its parser
+    for f in dataclasses.fields(options):
+        key = f.metadata.get("group", "")
+        if key not in sections:
+            sections[key] = parser.add_argument_group(key)
+        if "one_of" in f.metadata:
+            group, key = sections[key], "one_of " + f.metadata["one_of"]
+            if key not in sections:
+                sections[key] = group.add_mutually_exclusive_group(required=True)
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = _option_kwargs(f.name, hints[f.name], f.metadata.get("min"))
+        kwargs.update({k: v for k, v in f.metadata.items() if k not in _META})
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        names = (*(aliases or {}).get(f.name, ()), flag)
+        add = sections[key].add_argument
+        add(*names, dest=f.name, help=_help_text(f), default=argparse.SUPPRESS, **kwargs)
+        if kwargs.get("type") is _auto_bool:  # the --no-X spelling of a plain bool keeps working
+            no = {"action": "store_const", "const": False, "help": f"same as {flag} off"}
+            add("--no-" + flag[2:], dest=f.name, default=argparse.SUPPRESS, **no)
+
+
+def parse_options(
+    parser: argparse.ArgumentParser, options: type[Options], argv: Sequence[str] | None
+) -> Options:
+    """``argv`` parsed by a parser from :func:`add_options`, as an ``options`` object."""
+    given = vars(parser.parse_args(argv))  # nargs="+" gives lists, the fields say tuples
+    return options(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def run_program(
+    body: Callable[[Options], int],
+    options: type[Options],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    errors: tuple[type[Exception], ...] = INPUT_ERRORS,
+) -> int:
+    """Parse ``argv`` into ``options`` and return ``body(options)``, the exit code.
+
+    Bad options are argparse's usage and error (exit code 2). Bad input that ``body`` raises
+    (``errors``) is one ``error: ...`` line on stderr and exit code 2, without a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_options(parser, options)
+    opts = parse_options(parser, options, argv)
+    try:
+        return body(opts)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,23 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="crops per image, 2 global + the rest local (the tutorial's -c)",
     )
-    groups = {name: p.add_argument_group(name) for name in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
-        flags = (*TUTORIAL_ALIASES.get(f.name, ()), "--" + f.name.replace("_", "-"))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = json.dumps(default) if isinstance(default, dict) else default
-        help_text = f"{f.metadata['help']} [default: {shown}]".replace("%", "%%")
-        group = groups[f.metadata["group"]]
-        kwargs = _option_kwargs(f)
-        group.add_argument(*flags, dest=f.name, help=help_text, **kwargs)
-        if kwargs.get("type") is _auto_bool:  # the --no-X spelling of a plain bool keeps working
-            group.add_argument(
-                "--no-" + f.name.replace("_", "-"),
-                dest=f.name,
-                action="store_const",
-                const=False,
-                help=f"same as --{f.name.replace('_', '-')} off",
-            )
+    add_options(p, TrainConfig, TUTORIAL_ALIASES)  # one --help section per field group
     return p
 
 

@@ -1,14 +1,30 @@
-"""The training CLI is generated from TrainConfig: every field is settable, nothing drifts."""
+"""Command lines generated from dataclasses: TrainConfig's, a toy's, the tools'; nothing drifts."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import importlib
 import json
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
-from dino_nb.cli import TUTORIAL_ALIASES, build_parser, config_from_args
+from dino_nb.cli import (
+    TUTORIAL_ALIASES,
+    add_options,
+    build_parser,
+    config_from_args,
+    option,
+    parse_options,
+    run_program,
+)
 from dino_nb.config import GROUPS, TrainConfig
+from dino_nb.tools.data import DataOptions
+from dino_nb.tools.embed import EmbedOptions
+from dino_nb.tools.evaluate import EvaluateOptions
 
 
 def _non_default(f: dataclasses.Field) -> tuple[list[str], object]:
@@ -196,3 +212,143 @@ def test_optional_fields_take_none() -> None:
     assert config_from_args(["--preset", "cpu-photos"])[0].minutes == 15.0
     with pytest.raises(SystemExit):
         config_from_args(["--preset", "cpu", "--minutes", "soon"])
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+@dataclass(kw_only=True)
+class Toy:
+    name: str = option(help="a required name")
+    mode: Literal["fast", "exact"] = option("fast", "how to run")
+    count: int = option(3, "how many", min=1)
+    ks: tuple[int, ...] = option((10, 20), "neighbour counts", min=1)
+    cache: bool = option(False, "keep a cache")
+    figures: bool = option(True, "draw the figures")
+    out: str | None = option(None, "a folder")
+
+
+@dataclass(kw_only=True)
+class Either:
+    find: str | None = option(None, "find it", one_of="action", nargs="?", const="")
+    download: str | None = option(None, "download it", one_of="action")
+
+
+def parse(options: type, *words: str) -> object:
+    parser = argparse.ArgumentParser(prog="toy")
+    add_options(parser, options)
+    return parse_options(parser, options, list(words))
+
+
+def refused(capsys, options: type, *words: str) -> str:
+    """The one error line argparse prints (after its usage) for ``words``."""
+    with pytest.raises(SystemExit) as e:
+        parse(options, *words)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("usage: toy") and lines[-1].startswith("toy: error: ")
+    return lines[-1]
+
+
+def test_generator_defaults_come_from_the_dataclass() -> None:
+    assert parse(Toy, "--name", "x") == Toy(name="x")
+    opts = parse(Toy, "--name", "x", "--mode", "exact", "--count", "1", "--ks", "5", "7")
+    assert (opts.mode, opts.count, opts.ks) == ("exact", 1, (5, 7))
+    assert parse(Toy, "--name", "x", "--out", "none").out is None
+
+
+def test_generator_a_missing_required_option_is_named(capsys) -> None:
+    assert "--name" in refused(capsys, Toy) and "required" in refused(capsys, Toy, "--count", "2")
+
+
+def test_generator_literal_gives_choices(capsys) -> None:
+    assert "invalid choice: 'slow'" in refused(capsys, Toy, "--name", "x", "--mode", "slow")
+    parser = argparse.ArgumentParser()
+    add_options(parser, Toy)
+    assert "--mode {fast,exact}" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    ("words", "option_name"), [(["--count", "0"], "--count"), (["--ks", "3", "0"], "--ks")]
+)
+def test_generator_min_is_one_error_naming_the_option(capsys, words, option_name) -> None:
+    line = refused(capsys, Toy, "--name", "x", *words)
+    assert line == f"toy: error: argument {option_name}: must be >= 1, got 0"
+
+
+def test_generator_bool_fields_take_the_flag_and_its_no_spelling() -> None:
+    assert parse(Toy, "--name", "x", "--cache").cache is True
+    assert parse(Toy, "--name", "x", "--no-cache").cache is False
+    assert parse(Toy, "--name", "x", "--no-figures").figures is False
+    assert parse(Toy, "--name", "x").figures is True
+
+
+def test_generator_one_of_needs_exactly_one(capsys) -> None:
+    assert parse(Either, "--find").find == ""
+    assert parse(Either, "--download", "320px").download == "320px"
+    assert "one of the arguments --find --download is required" in refused(capsys, Either)
+    assert "not allowed with" in refused(capsys, Either, "--find", "--download", "x")
+
+
+def test_generator_help_lists_every_field_with_its_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser, Toy)
+    text = " ".join(parser.format_help().split())
+    for f in dataclasses.fields(Toy):
+        assert "--" + f.name in text
+    assert "how many [default: 3]" in text and "a required name [default" not in text
+
+
+def test_run_program_turns_input_errors_into_one_line_and_exit_code_2(capsys) -> None:
+    def body(opts: Toy) -> int:
+        if opts.count > 5:
+            raise ValueError(f"count {opts.count} is too many for {opts.name}")
+        print(f"hello {opts.name} x{opts.count}")
+        return 0
+
+    run = functools.partial(run_program, body, Toy, prog="toy", description="a toy")
+    assert run(["--name", "ada"]) == 0
+    assert capsys.readouterr().out == "hello ada x3\n"
+    assert run(["--name", "ada", "--count", "9"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: count 9 is too many for ada\n" and captured.out == ""
+
+
+def test_run_program_lets_bugs_keep_their_traceback() -> None:
+    def body(opts: Toy) -> int:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError):
+        run_program(body, Toy, ["--name", "x"], prog="toy", description="a toy")
+
+
+# --------------------------------------------------------------------------- the tools
+
+
+TOOLS = {"evaluate": EvaluateOptions, "embed": EmbedOptions, "data": DataOptions}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_option_is_in_its_help(tool, capsys) -> None:
+    module = importlib.import_module(f"dino_nb.tools.{tool}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m dino_nb.{tool}" in text
+    for f in dataclasses.fields(TOOLS[tool]):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_tools_keep_their_flag_spellings() -> None:
+    words = "--checkpoint c.pth --ks 10 20 --cache --no-figures".split()
+    assert parse(EvaluateOptions, *words) == EvaluateOptions(
+        checkpoint="c.pth", ks=(10, 20), cache=True, figures=False
+    )
+    words = "--checkpoint c --data d --out o --no-normalize --no-progress --which student".split()
+    assert parse(EmbedOptions, *words) == EmbedOptions(
+        checkpoint="c", data="d", out="o", normalize=False, progress=False, which="student"
+    )
+    assert parse(DataOptions, "--find") == DataOptions(find="")
+    words = "--download 160px --root r --keep-archive".split()
+    assert parse(DataOptions, *words) == DataOptions(download="160px", root="r", keep_archive=True)

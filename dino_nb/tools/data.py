@@ -2,59 +2,61 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
+from ..cli import option, run_program
 from ..sources import default_data_dir, find_imagenette
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m dino_nb.data",
-        description="Find or download ImageNette. Prints the dataset folder; errors are one line and exit code 2.",
-    )
-    action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument(
-        "--find",
+@dataclass(kw_only=True)
+class DataOptions:
+    """The options of ``python -m dino_nb.data``: ``--find [PATH]`` or ``--download SIZE``."""
+
+    find: str | None = option(
+        None,
+        "find ImageNette (below PATH, or in the usual places)",
+        one_of="action",
         nargs="?",
         const="",
         metavar="PATH",
-        help="find ImageNette (below PATH, or in the usual places)",
     )
-    action.add_argument(
-        "--download",
-        choices=("320px", "160px", "full"),
-        metavar="SIZE",
-        help="download 320px, 160px or full",
+    download: Literal["320px", "160px", "full"] | None = option(
+        None, "download 320px, 160px or full", one_of="action", metavar="SIZE"
     )
-    p.add_argument(
-        "--root", default=None, help="folder to download into (default: $DINO_NB_DATA or data/)"
-    )
-    p.add_argument("--url", default=None, help="download from this address instead (a mirror)")
-    p.add_argument("--md5", default=None, help="expected md5 of the archive at --url")
-    p.add_argument("--keep-archive", action="store_true", help="keep the .tgz after extracting it")
-    return p.parse_args(argv)
+    root: str | None = option(None, "folder to download into (none: $DINO_NB_DATA or data/)")
+    url: str | None = option(None, "download from this address instead (a mirror)")
+    md5: str | None = option(None, "expected md5 of the archive at --url")
+    keep_archive: bool = option(False, "keep the .tgz after extracting it")
+
+
+def _data(opts: DataOptions) -> int:
+    if opts.download is not None:
+        from .download import download_imagenette
+
+        root = opts.root if opts.root is not None else default_data_dir()
+        found = download_imagenette(
+            opts.download, root, url=opts.url, md5=opts.md5, keep_archive=opts.keep_archive
+        )
+    else:
+        found = find_imagenette(opts.find or None)
+    print(found)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dino_nb.data``; returns the exit code."""
-    args = _parse_args(argv)
-    try:
-        if args.download is not None:
-            from .download import download_imagenette
-
-            root = args.root if args.root is not None else default_data_dir()
-            found = download_imagenette(
-                args.download, root, url=args.url, md5=args.md5, keep_archive=args.keep_archive
-            )
-        else:
-            found = find_imagenette(args.find or None)
-    except (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(found)
-    return 0
+    return run_program(
+        _data,
+        DataOptions,
+        argv,
+        prog="python -m dino_nb.data",
+        description="Find or download ImageNette. Prints the dataset folder; errors are one line "
+        "and exit code 2.",
+        errors=(OSError, ValueError, RuntimeError),  # OSError: also not found, already there
+    )
 
 
 if __name__ == "__main__":

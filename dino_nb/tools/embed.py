@@ -20,7 +20,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -30,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_file, load, save_atomic
+from ..cli import option, run_program
 from ..datasets import DataWarning, ImageFiles, find_unreadable, plain_transform, rgb_loader
 from ..distributed import pick_device
 from ..evaluation import extract_features, nearest_neighbours
@@ -382,82 +382,66 @@ def contact_sheet(
 # --------------------------------------------------------------------------- command line
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m dino_nb.embed",
-        description="Embed a folder of images (any nesting, no labels) and search it by "
-        "similarity. Errors are one line and exit code 2.",
-    )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
+@dataclass(kw_only=True)
+class EmbedOptions:
+    """The options of ``python -m dino_nb.embed``."""
+
+    checkpoint: str = option(
         help="checkpoint.pth or best_model.pth of a training run, or a timm model name "
-        "with pretrained weights (downloads them)",
+        "with pretrained weights (downloads them)"
     )
-    p.add_argument("--data", required=True, help="folder of images, in any nesting")
-    p.add_argument(
-        "--out", required=True, help="folder for embeddings.npy, index.csv and the cache"
+    data: str = option(help="folder of images, in any nesting")
+    out: str = option(help="folder for embeddings.npy, index.csv and the cache")
+    which: Literal["teacher", "student"] = option("teacher", "backbone of a checkpoint")
+    normalize: bool = option(True, "L2-normalise the rows (--no-normalize: store raw features)")
+    batch_size: int = option(64, "images per forward pass", min=1)
+    num_workers: int = option(0, "data loader workers", min=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available")
+    query: str | None = option(None, "an image: print its nearest images in the folder")
+    top: int = option(8, "how many neighbours --query prints", min=1)
+    sheet: str | None = option(None, "write the query and its neighbours to this PNG")
+    progress: bool = option(True, "show a progress bar")
+
+
+def _embed(opts: EmbedOptions) -> int:
+    if opts.query is not None and not Path(opts.query).expanduser().is_file():
+        raise FileNotFoundError(f"query image not found: {opts.query}")
+    pick_device(opts.device)
+    model = load_model(opts.checkpoint, opts.which)
+    emb = embed_folder(
+        model,
+        opts.data,
+        opts.out,
+        normalize=opts.normalize,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        num_workers=opts.num_workers,
+        progress=opts.progress,
     )
-    p.add_argument(
-        "--which",
-        choices=("teacher", "student"),
-        default="teacher",
-        help="backbone of a checkpoint",
-    )
-    p.add_argument(
-        "--no-normalize",
-        action="store_true",
-        help="store raw features (default: L2-normalised rows)",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="auto: CUDA when available",
-    )
-    p.add_argument("--query", default=None, help="an image: print its nearest images in the folder")
-    p.add_argument("--top", type=int, default=8, help="how many neighbours --query prints")
-    p.add_argument("--sheet", default=None, help="write the query and its neighbours to this PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    matches = search(emb, opts.query, opts.top, model) if opts.query is not None else []
+    out = Path(opts.out)
+    print(f"{len(emb.paths)} images -> {out / EMBEDDINGS} {emb.features.shape} and {out / INDEX}")
+    if opts.query is None:
+        return 0
+    print(f"nearest to {opts.query} (cosine similarity):")
+    for m in matches:
+        print(f"  {m.similarity:6.3f}  {m.path}")
+    if opts.sheet:
+        contact_sheet(emb, opts.query, matches).savefig(opts.sheet, dpi=100)
+        print(f"contact sheet written to {opts.sheet}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dino_nb.embed``; returns the exit code."""
-    args = _parse_args(argv)
-    try:
-        if args.top < 1:
-            raise ValueError(f"--top must be >= 1, got {args.top}")
-        if args.query is not None and not Path(args.query).expanduser().is_file():
-            raise FileNotFoundError(f"query image not found: {args.query}")
-        pick_device(args.device)
-        model = load_model(args.checkpoint, args.which)
-        emb = embed_folder(
-            model,
-            args.data,
-            args.out,
-            normalize=not args.no_normalize,
-            batch_size=args.batch_size,
-            device=args.device,
-            num_workers=args.num_workers,
-            progress=not args.no_progress,
-        )
-        matches = search(emb, args.query, args.top, model) if args.query is not None else []
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    print(f"{len(emb.paths)} images -> {out / EMBEDDINGS} {emb.features.shape} and {out / INDEX}")
-    if args.query is not None:
-        print(f"nearest to {args.query} (cosine similarity):")
-        for m in matches:
-            print(f"  {m.similarity:6.3f}  {m.path}")
-        if args.sheet:
-            contact_sheet(emb, args.query, matches).savefig(args.sheet, dpi=100)
-            print(f"contact sheet written to {args.sheet}")
-    return 0
+    return run_program(
+        _embed,
+        EmbedOptions,
+        argv,
+        prog="python -m dino_nb.embed",
+        description="Embed a folder of images (any nesting, no labels) and search it by "
+        "similarity. Errors are one line and exit code 2.",
+    )
 
 
 if __name__ == "__main__":

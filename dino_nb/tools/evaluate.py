@@ -6,13 +6,14 @@ figures (confusion matrix, embedding map, nearest neighbours, attention maps).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..augment import denormalize
 from ..checkpoint import load, save_atomic
+from ..cli import option, run_program
 from ..evaluation import (
     PAPER_KS,
     _check_pair,
@@ -147,128 +149,102 @@ def _format_table(results: dict[str, float], ks: Sequence[int], probe: float | N
     return "\n".join(lines)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m dino_nb.evaluate",
-        description="Evaluate a DINO checkpoint: kNN both ways, linear probe, and figures "
-        "(embedding map, nearest neighbours, confusion matrix, self-attention maps).",
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    """The options of ``python -m dino_nb.evaluate``."""
+
+    checkpoint: str = option(help="checkpoint.pth or best_model.pth of a training run")
+    data: str = option("builtin", "folder with train/ and val/, or 'builtin'")
+    which: Literal["teacher", "student"] = option(
+        "teacher", "which backbone (the paper uses the teacher)"
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint.pth or best_model.pth of a training run"
+    out: str | None = option(
+        None, "folder for the figures and metrics.json (none: <checkpoint folder>/eval)"
     )
-    p.add_argument(
-        "--data", default="builtin", help="folder with train/ and val/, or 'builtin' (default)"
-    )
-    p.add_argument(
-        "--which",
-        choices=("teacher", "student"),
-        default="teacher",
-        help="which backbone (the paper uses the teacher)",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        help="folder for the figures and metrics.json (default: <checkpoint folder>/eval)",
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader workers"
-    )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="auto: CUDA when available",
-    )
-    p.add_argument(
-        "--ks",
-        type=int,
-        nargs="+",
-        default=list(PAPER_KS),
-        help="neighbour counts of the kNN sweep",
-    )
-    p.add_argument(
-        "--cache",
-        action="store_true",
-        help="cache the training features in <out>/train_features.pt",
-    )
-    p.add_argument("--no-figures", action="store_true", help="print the table only")
-    return p.parse_args(argv)
+    batch_size: int = option(256, "images per forward pass", min=1)
+    num_workers: int = option(min(4, os.cpu_count() or 1), "data loader workers", min=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available")
+    ks: tuple[int, ...] = option(PAPER_KS, "neighbour counts of the kNN sweep", min=1)
+    cache: bool = option(False, "cache the training features in <out>/train_features.pt")
+    figures: bool = option(True, "write the figures (--no-figures: print the table only)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dino_nb.evaluate``; returns the exit code."""
-    args = _parse_args(argv)
-    from ..checkpoint import load
-    from ..datasets import build_datasets, plain_transform
-    from ..distributed import pick_device
-    from ..model import backbone_from_checkpoint, is_vit
-
-    # set-up: every problem with the inputs is one clean line and exit code 2
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device = pick_device(args.device)
-        ckpt_path = Path(args.checkpoint)
-        ckpt = load(ckpt_path)
-        if "config" not in ckpt or args.which not in ckpt:
-            raise ValueError(
-                f"{ckpt_path} is not a dino_nb training checkpoint (needs 'config' and '{args.which}')"
-            )
-        config, step = ckpt["config"], ckpt.get("step")
-        del ckpt
-        size = int(config.get("global_size") or 224)
-        backbone = backbone_from_checkpoint(str(ckpt_path), args.which).to(device)
-        bundle = build_datasets(args.data, plain_transform(size), size)
-        if not bundle.labelled:
-            raise ValueError(
-                f"{bundle.root} has no train/ and val/ class folders, so there is nothing to "
-                "classify; embed and search it with `python -m dino_nb.embed`"
-            )
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    out = Path(args.out) if args.out else ckpt_path.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    train_loader = make_loader(
-        bundle.train_plain,
-        args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
+    return run_program(
+        _evaluate,
+        EvaluateOptions,
+        argv,
+        prog="python -m dino_nb.evaluate",
+        description="Evaluate a DINO checkpoint: kNN both ways, linear probe, and figures "
+        "(embedding map, nearest neighbours, confusion matrix, self-attention maps).",
     )
-    val_loader = make_loader(
-        bundle.val_plain,
-        args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
+
+
+def _load(opts: EvaluateOptions, device: torch.device) -> tuple[nn.Module, Any, int | None, int]:
+    """The checkpoint's backbone on ``device``, the labelled datasets, its step and image size."""
+    from ..datasets import build_datasets, plain_transform
+    from ..model import backbone_from_checkpoint
+
+    ckpt = load(opts.checkpoint)
+    if "config" not in ckpt or opts.which not in ckpt:
+        raise ValueError(
+            f"{opts.checkpoint} is not a dino_nb training checkpoint (needs 'config' and '{opts.which}')"
+        )
+    config, step = ckpt["config"], ckpt.get("step")
+    del ckpt
+    size = int(config.get("global_size") or 224)
+    backbone = backbone_from_checkpoint(opts.checkpoint, opts.which).to(device)
+    bundle = build_datasets(opts.data, plain_transform(size), size)
+    if not bundle.labelled:
+        raise ValueError(
+            f"{bundle.root} has no train/ and val/ class folders, so there is nothing to "
+            "classify; embed and search it with `python -m dino_nb.embed`"
+        )
+    return backbone, bundle, step, size
+
+
+def _evaluate(opts: EvaluateOptions) -> int:
+    from ..distributed import pick_device
+    from ..model import is_vit
+
+    device = pick_device(opts.device)
+    backbone, bundle, step, size = _load(opts, device)
+    ckpt_path = Path(opts.checkpoint)
+    out = Path(opts.out) if opts.out else ckpt_path.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    train_loader, val_loader = (
+        make_loader(
+            d, opts.batch_size, num_workers=opts.num_workers, pin_memory=device.type == "cuda"
+        )
+        for d in (bundle.train_plain, bundle.val_plain)
     )
     stat = ckpt_path.stat()
-    key = f"{ckpt_path.resolve()}|{args.which}|step={step}|mtime_ns={stat.st_mtime_ns}|bytes={stat.st_size}|size={size}"
-    if args.cache:
+    key = f"{ckpt_path.resolve()}|{opts.which}|step={step}|mtime_ns={stat.st_mtime_ns}|bytes={stat.st_size}|size={size}"
+    if opts.cache:
         train_f, train_y = cached_features(backbone, train_loader, out / "train_features.pt", key)
     else:
         train_f, train_y = extract_features(backbone, train_loader)
     val_f, val_y = extract_features(backbone, val_loader)
     n_classes = len(bundle.classes)
 
-    results = knn_sweep(train_f, train_y, val_f, val_y, ks=args.ks, num_classes=n_classes)
+    results = knn_sweep(train_f, train_y, val_f, val_y, ks=opts.ks, num_classes=n_classes)
     probe = linear_probe(train_f, train_y, val_f, val_y) if len(torch.unique(train_y)) > 1 else None
-    print(f"checkpoint {ckpt_path} ({args.which}, step {step}), data {bundle.root}, {device}")
+    print(f"checkpoint {ckpt_path} ({opts.which}, step {step}), data {bundle.root}, {device}")
     print(
         f"features: train {tuple(train_f.shape)}, val {tuple(val_f.shape)}, {n_classes} classes, {size}px"
     )
-    print(_format_table(results, args.ks, probe))
+    print(_format_table(results, opts.ks, probe))
     metrics = {
         "checkpoint": str(ckpt_path),
-        "which": args.which,
+        "which": opts.which,
         "step": step,
         **results,
         "linear_probe_top1": probe,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    if not args.no_figures:
+    if opts.figures:
         _write_figures(out, backbone, bundle, train_f, train_y, val_f, val_y, is_vit(backbone))
         print(f"figures and metrics.json written to {out}")
     else:
