@@ -45,8 +45,8 @@ from dino_nb.datasets import build_datasets
 from dino_nb.fast.cache import CachedCanvases, MultiCropCollate, WithSeeds
 from dino_nb.fast.crops import DecodeResize
 from dino_nb.loader import SeededDataset, TrainSampler, collate_crops
-from dino_nb.presets import preset
 from dino_nb.step import Run, build_run, train_step
+from dino_nb.tools.presets import preset
 
 #: ImageNette's train photos at 128x128, shared beside the checkout (absent in a fresh clone).
 PHOTOS128 = C.REPO.parent / "shared" / "data" / "imagenette-photos128"

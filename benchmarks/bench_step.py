@@ -40,8 +40,8 @@ import torch
 
 from dino_nb.augment import normalize_uint8
 from dino_nb.distributed import native_bf16, pick_device
-from dino_nb.presets import preset
 from dino_nb.step import build_run, train_step
+from dino_nb.tools.presets import preset
 
 #: Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor data sheets; SXM where it differs).
 PEAK_FLOPS = {

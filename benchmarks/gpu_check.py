@@ -10,7 +10,7 @@ running row and ends the check with what it measured. The header comes first: ca
 compute capability, driver, torch, CUDA and cuDNN versions, then each row's estimate.
 
 Rows, most telling first (each runs :func:`dino_nb.step.train_step` or
-:func:`dino_nb.train.train`):
+:func:`dino_nb.loop.train`):
 
 1. ``step bf16`` / ``step fp16`` / ``step fp32``: one training step of ViT-S/16 at
    2 x 224 + 8 x 96, batch 64, on random uint8 crops: images/s, peak memory, model FLOPs per
@@ -71,10 +71,10 @@ from dino_nb.datasets import plain_transform, rgb_loader
 from dino_nb.distributed import native_bf16, resolve_precision
 from dino_nb.evaluation import extract_features
 from dino_nb.loader import default_num_workers, make_loader
+from dino_nb.loop import train
 from dino_nb.model import build_backbone
-from dino_nb.presets import preset
 from dino_nb.step import build_run, train_step
-from dino_nb.train import train
+from dino_nb.tools.presets import preset
 
 COLUMNS = ("row", "images/s", "peak GiB", "GFLOP/step", "MFU", "s (est.)", "note")
 ROWS = (

@@ -24,15 +24,15 @@ from .step import clip_gradients, cosine_schedule, linear_warmup_schedule
 
 __version__ = "0.1.0"
 
-# Imported on first use: ``train`` is also a program (``python -m dino_nb.train`` must not find it
-# imported already), and ``evaluation`` brings scikit-learn, which only evaluation needs.
+# Imported on first use: the loop, the step and the presets import most of the package,
+# and ``evaluation`` brings scikit-learn, which only evaluation needs.
 _LAZY = {
     name: "evaluation"
     for name in ("compute_embedding", "compute_knn", "extract_features", "weighted_knn")
 }
-_LAZY.update({name: "train" for name in ("TrainResult", "export_backbone")})
+_LAZY.update({name: "loop" for name in ("TrainResult", "export_backbone")})
 _LAZY.update({name: "step" for name in ("Run", "build_run", "train_step")})
-_LAZY.update({"TrainConfig": "config", "preset": "presets"})
+_LAZY.update({"TrainConfig": "config", "preset": "tools.presets"})
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ grew from), or **ours** (a choice for ImageNette or for a CPU). ``tests/test_con
 pins them, because the sources disagree and each choice must be deliberate.
 
 Each field carries its help text and its group in ``dataclasses.field(metadata=...)``;
-``dino_nb.cli`` builds the command line from them, so a new field is one edit here (plus
+``dino_nb.tools.cli`` builds the command line from them, so a new field is one edit here (plus
 its pinned default in the test).
 """
 

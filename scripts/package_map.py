@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dino_nb"
 #: Modules kept only so that ``python -m dino_nb.<name>`` still works: a few lines each.
-ENTRY_SHIMS = ("data", "embed", "evaluate")
+ENTRY_SHIMS = ("data", "embed", "evaluate", "train")
 
 
 def module_name(path: Path) -> str:

@@ -17,8 +17,8 @@ import dino_nb.books as books
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.books import Checkpoints, CollapseMonitor, Evaluation, Logger, write_projector
 from dino_nb.budget import Budget, Decision
-from dino_nb.presets import preset
 from dino_nb.step import build_run
+from dino_nb.tools.presets import preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_the_loop_imports_only_the_core() -> None:
     spec = importlib.util.spec_from_file_location("package_map", REPO / "scripts/package_map.py")
     package_map = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(package_map)
-    loop = {"dino_nb.train", "dino_nb.books", "dino_nb.budget"}
+    loop = {"dino_nb.loop", "dino_nb.books", "dino_nb.budget"}
     upward = [edge for edge in package_map.upward_imports(package_map.graph()) if edge[0] in loop]
     assert upward == []
 

@@ -8,8 +8,8 @@ import torch
 
 from dino_nb.budget import Budget, Decision, TimeBudget
 from dino_nb.distributed import DistInfo
-from dino_nb.presets import preset
 from dino_nb.step import Schedules
+from dino_nb.tools.presets import preset
 
 
 class FakeClock:

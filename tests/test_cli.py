@@ -12,7 +12,8 @@ from typing import Literal
 
 import pytest
 
-from dino_nb.cli import (
+from dino_nb.config import GROUPS, TrainConfig
+from dino_nb.tools.cli import (
     TUTORIAL_ALIASES,
     add_options,
     build_parser,
@@ -21,7 +22,6 @@ from dino_nb.cli import (
     parse_options,
     run_program,
 )
-from dino_nb.config import GROUPS, TrainConfig
 from dino_nb.tools.data import DataOptions
 from dino_nb.tools.embed import EmbedOptions
 from dino_nb.tools.evaluate import EvaluateOptions
@@ -126,7 +126,7 @@ def test_tutorial_short_options() -> None:
 
 def test_only_given_options_override_the_preset() -> None:
     cfg = config_from_args(["--preset", "cpu"])[0]
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     assert cfg == preset("cpu")
 
@@ -154,7 +154,7 @@ def test_contradictory_values_are_refused_by_the_config() -> None:
 
 
 def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
-    import dino_nb.cli as cli
+    import dino_nb.tools.cli as cli
 
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cli, "imagenette_available", lambda: True)
@@ -188,7 +188,7 @@ def test_auto_preset_picks_by_data_and_device(tmp_path, monkeypatch) -> None:
 
 
 def preset_of(name, **overrides):
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     return preset(name, **overrides)
 

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from dino_nb.config import Centering, TrainConfig
-from dino_nb.presets import PRESETS, describe_preset, preset, preset_changes
+from dino_nb.tools.presets import PRESETS, describe_preset, preset, preset_changes
 
 # Changing a default is a decision: update this table in the same commit, with the reason
 # in the field's comment in dino_nb/config.py.

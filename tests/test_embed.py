@@ -15,8 +15,8 @@ from fixtures_data import write_image
 from dino_nb.checkpoint import save_atomic
 from dino_nb.datasets import DataWarning
 from dino_nb.model import student_teacher_from_config
-from dino_nb.presets import preset
 from dino_nb.tools import embed as E
+from dino_nb.tools.presets import preset
 
 TINY_MODEL = dict(
     model="vit_tiny_patch16_224",

@@ -87,7 +87,7 @@ def test_runs_dir_is_relative_and_checked(tmp_path, monkeypatch):
 
 
 def test_training_config_per_profile(monkeypatch):
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     ci = training_config(Profile("ci", "local", "cpu"), "runs/x")
     base = preset("cpu")
@@ -116,7 +116,7 @@ def test_training_config_per_profile(monkeypatch):
     assert photos == preset("cpu-photos-cls", out="o")  # the named preset, nothing on top
     assert explore.training_preset(Profile("cpu", "local", "cpu")) == "cpu-photos-cls"
     assert explore.training_preset(Profile("ci", "local", "cpu")) == "cpu"  # photos or not
-    import dino_nb.cli as cli
+    import dino_nb.tools.cli as cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 80.0)
@@ -311,7 +311,7 @@ def test_light_figures_outside_and_inside_ipython():
 
 def test_finished_run_compares_settings_not_places(tmp_path):
     from dino_nb.checkpoint import save_atomic
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     cfg = preset("cpu", minutes=None, out=str(tmp_path / "a"))
     path = tmp_path / "checkpoint.pth"
@@ -326,7 +326,7 @@ def test_finished_run_compares_settings_not_places(tmp_path):
 
 def test_training_plan_states_the_budget_or_the_epochs() -> None:
     from dino_nb.notebook.explore import training_plan
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     timed = training_plan(preset("t4", minutes=20.0, out="runs/x", device="cpu"), 74)
     assert "at most 20 minutes" in timed and "resumes from runs/x" in timed

@@ -18,18 +18,18 @@ from test_train import tiny_config, tiny_data  # noqa: F401 - the fixture is use
 
 import dino_nb.distributed as distributed
 import dino_nb.loader as loader
-import dino_nb.train as train_module
+import dino_nb.loop as train_module
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.books import Logger
 from dino_nb.distributed import DistInfo, allow_tf32, native_bf16, resolve_precision
 from dino_nb.evaluation import autocast_dtype
 from dino_nb.loader import decide_gpu_augment, default_num_workers
+from dino_nb.loop import TrainResult, train
 from dino_nb.model import student_teacher_from_config
-from dino_nb.presets import preset
 from dino_nb.step import build_run
 from dino_nb.tools import memory
 from dino_nb.tools.memory import memory_estimate
-from dino_nb.train import TrainResult, train
+from dino_nb.tools.presets import preset
 
 CUDA = torch.device("cuda", 0)
 

@@ -24,9 +24,9 @@ from test_train import TINY  # the tiny ViT and run of the engine's tests
 
 import dino_nb.fast.crops as ga
 from dino_nb.loader import build_training_data
-from dino_nb.presets import preset
 from dino_nb.sources import generate
 from dino_nb.step import build_run, train_step
+from dino_nb.tools.presets import preset
 
 #: Frames in these folders are torch's own (e.g. AdamW reads its step count, a CPU tensor).
 LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch,))

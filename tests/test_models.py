@@ -119,7 +119,7 @@ def test_student_teacher_from_config_uses_every_head_field():
     from dataclasses import replace
 
     from dino_nb.model import student_teacher_from_config, unwrap_backbone
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     cfg = replace(
         preset("cpu"),

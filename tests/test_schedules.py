@@ -116,7 +116,7 @@ def test_linear_warmup_bad_args_raise(args):
 
 
 def _recipe(**overrides):
-    from dino_nb.presets import preset
+    from dino_nb.tools.presets import preset
 
     return preset(
         "imagenette",

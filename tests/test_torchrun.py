@@ -28,7 +28,7 @@ WORKER = """
 import json, os, sys
 from pathlib import Path
 from dino_nb.config import preset
-from dino_nb.train import train
+from dino_nb.loop import train
 
 rank, folder = int(os.environ["RANK"]), Path(sys.argv[1])
 (folder / f"pid.{rank}").write_text(str(os.getpid()))

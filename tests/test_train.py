@@ -18,12 +18,12 @@ import torch
 from dino_nb import checkpoint as ckpt_io
 from dino_nb.distributed import DistInfo, resolve_precision
 from dino_nb.loader import build_training_data
+from dino_nb.loop import NonFiniteLossError, export_backbone, train
 from dino_nb.loss import Loss
 from dino_nb.model import student_teacher_from_config
-from dino_nb.presets import preset
 from dino_nb.sources import generate
 from dino_nb.step import build_run, seed_everything, train_step
-from dino_nb.train import NonFiniteLossError, export_backbone, train
+from dino_nb.tools.presets import preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_time_budget_fixes_the_step_count_and_resume_is_exact(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--minutes: a fake clock where each step takes 1 s; 1 minute fits 58 steps, resumed exactly."""
-    import dino_nb.train as train_module
+    import dino_nb.loop as train_module
 
     now = {"t": 0.0}
     original = train_module.train_step
@@ -198,7 +198,7 @@ def test_time_budget_holds_when_the_steps_get_slower(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Steps take 1 s until the count is fixed (58 in a minute), then 3 s: the run stops at the budget."""
-    import dino_nb.train as train_module
+    import dino_nb.loop as train_module
 
     now = {"t": 0.0, "steps": 0}
     original = train_module.train_step
@@ -478,7 +478,7 @@ def test_cli_print_config_uses_preset_and_options() -> None:
 
 
 def test_cli_print_config_gives_the_preset_s_reasons() -> None:
-    from dino_nb.presets import preset_changes
+    from dino_nb.tools.presets import preset_changes
 
     proc = run_cli("--preset", "cpu-photos", "--print-config")
     assert proc.returncode == 0, proc.stderr

@@ -105,8 +105,8 @@ def test_crop_grid():
 
 
 def test_schedules_figure_draws_every_schedule_per_run():
-    from dino_nb.presets import preset
     from dino_nb.step import Schedules
+    from dino_nb.tools.presets import preset
 
     cfg = preset("imagenette", epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3)
     fig = viz.schedules_figure({"a": Schedules(cfg, 100, 256), "b": Schedules(cfg, 40, 256)})

@@ -29,11 +29,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
 from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
-from ..cli import auto_preset
 from ..config import TrainConfig
 from ..distributed import pick_device
-from ..presets import preset
+from ..tools.cli import auto_preset
 from ..tools.memory import memory_line
+from ..tools.presets import preset
 from .attention import threshold_mask, upsample
 from .figures import class_colors, new_figure, to_hwc, view_labels
 
@@ -195,7 +195,7 @@ def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) 
       fixed step count instead of the preset's time budget, evaluated every
       :data:`CI_EVAL_EVERY` steps: long enough to learn, and its printed numbers repeat exactly.
     * ``cpu`` and ``gpu``: the rule of ``--preset auto`` with the notebooks' variants
-      (:func:`dino_nb.cli.auto_preset`). On a CPU with ImageNette found, ``cpu-photos-cls``
+      (:func:`dino_nb.tools.cli.auto_preset`). On a CPU with ImageNette found, ``cpu-photos-cls``
       (the photo recipe's 15 minutes with the ``[CLS]`` token as the embedding, so that
       attention maps mean something); on a GPU with ImageNette, the ``imagenette`` preset
       (ViT-S/16, the paper's crops), or ``t4`` (ViT-Ti/16) on a card of at most 16.5 GiB (a
@@ -221,7 +221,7 @@ def training_preset(profile: Profile) -> str:
     """The preset :func:`training_config` starts from (``describe_preset`` says what it changes).
 
     ``cpu`` in the ``ci`` profile; elsewhere the rule of ``--preset auto`` with the
-    notebooks' variants (:func:`dino_nb.cli.auto_preset`), ImageNette counting as photos when
+    notebooks' variants (:func:`dino_nb.tools.cli.auto_preset`), ImageNette counting as photos when
     it is found.
     """
     from ..sources import imagenette_available

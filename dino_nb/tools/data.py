@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..cli import option, run_program
 from ..sources import default_data_dir, find_imagenette
+from .cli import option, run_program
 
 
 @dataclass(kw_only=True)

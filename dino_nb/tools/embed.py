@@ -38,11 +38,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_file, load, save_atomic
-from ..cli import option, run_program
 from ..datasets import DataWarning, ImageFiles, find_unreadable, plain_transform, rgb_loader
 from ..distributed import pick_device
 from ..evaluation import extract_features, nearest_neighbours
 from ..loader import make_loader
+from .cli import option, run_program
 
 #: Files of an embedding folder.
 EMBEDDINGS, INDEX, CACHE, META = "embeddings.npy", "index.csv", "cache.pt", "embed.json"

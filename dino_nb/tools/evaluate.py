@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 from ..augment import denormalize
 from ..checkpoint import load, save_atomic
-from ..cli import option, run_program
 from ..evaluation import (
     PAPER_KS,
     _check_pair,
@@ -33,6 +32,7 @@ from ..evaluation import (
     weighted_knn_votes,
 )
 from ..loader import make_loader
+from .cli import option, run_program
 
 
 def knn_sweep(

@@ -26,10 +26,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..cli import config_from_args
 from ..config import TrainConfig
 from ..distributed import pick_device, resolve_precision
 from ..model import student_teacher_from_config
+from .cli import config_from_args
 
 GIB = 2**30
 #: The autocast dtype of an explicit ``--precision`` (``auto`` depends on the device).

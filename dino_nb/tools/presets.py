@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from .config import TrainConfig, validate
+from ..config import TrainConfig, validate
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -23,9 +24,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from .config import TrainConfig
-from .presets import PRESETS, preset
-from .sources import imagenette_available
+from ..config import TrainConfig
+from ..loop import SCORE_NAMES, NonFiniteLossError, train
+from ..sources import imagenette_available
+from .presets import PRESETS, describe_preset, preset
 
 #: The tutorial's option names for config fields: field -> extra option strings.
 TUTORIAL_ALIASES: dict[str, tuple[str, ...]] = {
@@ -317,3 +319,28 @@ def config_from_args(argv: list[str] | None = None) -> Command:
             parser.error("--resume and --no-resume contradict each other")
         overrides["resume"] = "never"
     return Command(preset(name, **overrides), getattr(args, "print_config", False), name)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``python -m dino_nb.train``: train, print a summary; errors become one line on stderr and exit code 2."""
+    try:
+        cfg, print_only, name = config_from_args(argv)
+        if print_only:  # the why on stderr, so that stdout stays JSON (--config takes it back)
+            print(describe_preset(name, cfg), file=sys.stderr)
+            print(cfg.to_json())
+            return 0
+        result = train(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLossError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        first = result.knn_history[0][1] if result.knn_history else float("nan")
+        last = result.knn_history[-1][1] if result.knn_history else float("nan")
+        print(
+            f"done: {result.steps} steps in {result.seconds:.0f} s; {SCORE_NAMES[result.score]} "
+            f"{first:.1%} -> {last:.1%} (best {result.best_knn:.1%}); run folder {result.out_dir}"
+        )
+    return 143 if result.interrupted else 0
