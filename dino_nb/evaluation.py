@@ -229,17 +229,8 @@ def weighted_knn(
 
     Features are L2-normalised; each test sample takes its ``k`` most cosine-similar
     training samples, and each neighbour votes for its class with weight
-    ``exp(similarity / temperature)``.
-
-    Args:
-        train_features: ``(n_train, dim)``.
-        train_labels: ``(n_train,)`` integer classes.
-        test_features: ``(n_test, dim)``.
-        test_labels: ``(n_test,)``.
-        k: number of neighbours (capped at ``n_train``).
-        temperature: softness of the votes (0.07 in the paper).
-        num_classes: number of classes; default ``max(label) + 1``.
-        chunk_size: test samples per similarity matrix, to bound memory.
+    ``exp(similarity / temperature)`` (:func:`weighted_knn_votes`, whose arguments these are,
+    with ``test_labels (n_test,)`` to score the votes against).
 
     Returns:
         ``(top1, top5)`` accuracies as fractions in [0, 1].

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from dino_nb.augment import DataAugmentation
+from dino_nb.notebook import curves
 from dino_nb.notebook import figures as viz
 
 
@@ -88,11 +89,11 @@ def test_training_curves(tmp_path):
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 3, "lo')  # cut short
-    render(viz.training_curves(path), 4)  # loss, lr, momentum, knn_top1; wd/teacher_temp absent
-    render(viz.training_curves(tmp_path), 4)  # a run folder
-    render(viz.training_curves([{"step": 0}]), 1)  # nothing to plot yet
+    render(curves.training_curves(path), 4)  # loss, lr, momentum, knn_top1; wd/teacher_temp absent
+    render(curves.training_curves(tmp_path), 4)  # a run folder
+    render(curves.training_curves([{"step": 0}]), 1)  # nothing to plot yet
     with pytest.raises(FileNotFoundError):
-        viz.training_curves(tmp_path / "missing.jsonl")
+        curves.training_curves(tmp_path / "missing.jsonl")
 
 
 def test_crop_grid():
@@ -109,7 +110,7 @@ def test_schedules_figure_draws_every_schedule_per_run():
     from dino_nb.tools.presets import preset
 
     cfg = preset("imagenette", epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3)
-    fig = viz.schedules_figure({"a": Schedules(cfg, 100, 256), "b": Schedules(cfg, 40, 256)})
+    fig = curves.schedules_figure({"a": Schedules(cfg, 100, 256), "b": Schedules(cfg, 40, 256)})
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == [
         "learning rate",
@@ -121,4 +122,4 @@ def test_schedules_figure_draws_every_schedule_per_run():
         assert len(ax.lines) == 2
         assert ax.lines[0].get_xdata()[-1] == pytest.approx(0.99)  # fraction of the run
     with pytest.raises(ValueError):
-        viz.schedules_figure({})
+        curves.schedules_figure({})
