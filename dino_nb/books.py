@@ -1,6 +1,6 @@
 """The training loop's records, one piece per job, written by rank 0.
 
-:func:`dino_nb.train.train` runs these around :func:`~dino_nb.step.train_step`, beside the
+:func:`dino_nb.loop.train` runs these around :func:`~dino_nb.step.train_step`, beside the
 step count of :mod:`dino_nb.budget`:
 
 * :class:`Evaluation`: the weighted kNN (or view agreement) every ``eval_every`` steps, the

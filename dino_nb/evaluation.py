@@ -442,7 +442,7 @@ def view_agreement(
 
     Args:
         backbone: maps ``(n, 3, size, size)`` images to ``(n, dim)`` features.
-        dataset: images with ``with_transform`` (an :class:`~dino_nb.data.ImageFiles` or
+        dataset: images with ``with_transform`` (an :class:`~dino_nb.datasets.ImageFiles` or
             ``RobustImageFolder``), e.g. the held-aside images of an unlabelled folder.
         size: side of the views in pixels.
         seed: seeds the views.

@@ -106,7 +106,7 @@ def build_student_teacher(
         model_kwargs: extra ``timm.create_model`` keywords.
 
     Returns:
-        ``(student, teacher)``, both :class:`~dino_nb.multicrop.MultiCropWrapper`.
+        ``(student, teacher)``, both :class:`~dino_nb.model.MultiCropWrapper`.
     """
     model_kwargs = dict(model_kwargs or {})
     student_backbone = build_backbone(
@@ -147,7 +147,7 @@ def student_teacher_from_config(cfg: TrainConfig) -> tuple[MultiCropWrapper, Mul
 
 
 def unwrap_backbone(model: nn.Module) -> nn.Module:
-    """The backbone of a :class:`~dino_nb.multicrop.MultiCropWrapper` (student or teacher), else ``model``."""
+    """The backbone of a :class:`~dino_nb.model.MultiCropWrapper` (student or teacher), else ``model``."""
     return model.backbone if isinstance(model, MultiCropWrapper) else model
 
 
@@ -157,7 +157,7 @@ def backbone_from_checkpoint(
     """Rebuild the backbone saved in a training checkpoint (``checkpoint.pth`` or ``best_model.pth``).
 
     Args:
-        path: checkpoint written by :func:`dino_nb.train.train`.
+        path: checkpoint written by :func:`dino_nb.loop.train`.
         which: ``"teacher"`` (the paper evaluates the teacher) or ``"student"``.
         map_location: device to load the tensors on.
 
@@ -194,7 +194,7 @@ class DINOHead(nn.Module):
             between images that a freshly initialised backbone produces reach the softmax
             at full scale instead of drowning in what all images share. The teacher must
             then run its head in training mode (batch statistics), as the official code
-            does; :func:`dino_nb.engine.build_run` sees to that.
+            does; :func:`dino_nb.step.build_run` sees to that.
 
     Attributes:
         mlp: the multi-layer perceptron, ``(n_samples, in_dim) -> (n_samples, bottleneck_dim)``.
@@ -296,7 +296,7 @@ class MultiCropWrapper(nn.Module):
         backbone: a module mapping ``(n, 3, H, W)`` to ``(n, in_dim)``; a timm model built
             with ``num_classes=0``. A timm model that still has a classifier gets it
             removed with ``reset_classifier(0)``, as the tutorial replaced its ``head``.
-        new_head: the DINO :class:`~dino_nb.head.DINOHead` put on top.
+        new_head: the DINO :class:`~dino_nb.model.DINOHead` put on top.
     """
 
     def __init__(self, backbone: nn.Module, new_head: nn.Module) -> None:

@@ -5,7 +5,7 @@ crops, the student sees all crops, the loss compares every teacher view with eve
 student view, then backward, per-tensor clipping, the last-layer freeze, the optimizer
 step and the EMA update of the teacher. :func:`build_run` makes everything it needs from a
 :class:`~dino_nb.config.TrainConfig` and :func:`build_training_data` the batches;
-:func:`dino_nb.train.train` loops over them, and
+:func:`dino_nb.loop.train` loops over them, and
 ``benchmarks/bench_step.py`` and notebook 04 call the same function.
 """
 

@@ -132,7 +132,7 @@ def run_setting(
 ) -> CollapseRun:
     """Train a tiny student/teacher pair with one arm of the study and record its curves.
 
-    The model is a 2-layer MLP backbone (32 -> 64) with the package's :class:`~dino_nb.head.Head`
+    The model is a 2-layer MLP backbone (32 -> 64) with the package's :class:`~dino_nb.model.Head`
     and :class:`~dino_nb.loss.Loss`, the teacher an EMA of the student; the data are
     random Gaussian clusters and the "augmentations" noise plus feature dropout.
 

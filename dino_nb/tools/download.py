@@ -16,7 +16,7 @@ than copying them, and adds what torchvision's downloader lacks:
   extraction never leaves a half dataset that later looks complete.
 
 Example:
-    >>> from dino_nb.download import download_imagenette
+    >>> from dino_nb.tools.download import download_imagenette
     >>> root = download_imagenette("320px", root="data")  # doctest: +SKIP
     >>> root                                              # doctest: +SKIP
     PosixPath('data/imagenette2-320')

@@ -3,7 +3,7 @@
 A folder in (any nesting, no labels), embeddings out: ``embeddings.npy`` (float32, one row
 per image, L2-normalised unless told otherwise) and ``index.csv`` (``row,path``, the path
 relative to the folder), both written atomically. Every image goes through the evaluation
-preprocessing (:func:`~dino_nb.data.plain_transform`: resize, centre crop, normalise).
+preprocessing (:func:`~dino_nb.datasets.plain_transform`: resize, centre crop, normalise).
 
 Large folders are cached and resumable: the features of each file are kept in
 ``cache.pt`` beside the outputs, keyed by the file (relative path, size, modification
@@ -190,7 +190,7 @@ def embed_folder(
 ) -> Embeddings:
     """Embed every image below ``data``; with ``out``, write and cache the results there.
 
-    Unreadable files are skipped with one :class:`~dino_nb.data.DataWarning` (they get no
+    Unreadable files are skipped with one :class:`~dino_nb.datasets.DataWarning` (they get no
     row). With ``out``, features already in ``out/cache.pt`` for the same file and weights
     are reused, the cache is saved every :data:`FLUSH_EVERY` new images (an interrupted
     run resumes), and ``embeddings.npy``, ``index.csv`` and ``embed.json`` are written.

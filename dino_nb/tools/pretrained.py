@@ -112,7 +112,7 @@ def load_paper_weights(
         download: ``False`` never touches the network nor the hub's cache (only ``file``
             counts): the notebooks' test profile, whose output must be the same everywhere.
         timeout: seconds the hub gets to answer before the machine counts as offline.
-        **timm_kwargs: passed on to :func:`~dino_nb.models.build_backbone` (``img_size``, ...).
+        **timm_kwargs: passed on to :func:`~dino_nb.model.build_backbone` (``img_size``, ...).
 
     Returns:
         the backbone (``num_classes=0``: ``model(x)`` is ``(n_images, num_features)``) in
