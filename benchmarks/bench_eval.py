@@ -3,7 +3,7 @@
 The tutorial (``seed_baseline.compute_knn``) embeds the whole training set and the whole
 validation set at every evaluation, with autograd recording (no ``no_grad``), batches of
 64, its plain transform (normalise, then resize the float tensor to 224x224), and fits
-sklearn's kNN. Ours does what ``dino_nb.train``'s evaluator does: a fixed random subset of
+sklearn's kNN. Ours does what ``dino_nb.loop``'s evaluator does: a fixed random subset of
 at most ``eval_train_subset`` training images as the memory bank, the whole validation
 set, ``extract_features`` (inference mode) under autocast, batches of 128, the paper's
 weighted kNN plus the sklearn score on the same features.
@@ -146,7 +146,7 @@ def main(argv=None):
     print(
         f"At ImageNette's full size: tutorial ~{base * full:.0f} s per evaluation, ours "
         f"~{C.median(times['ours-bf16']) * full:.0f} s (bf16); the tutorial evaluates every 200 steps, "
-        "dino_nb.train every eval_every=1000."
+        "dino_nb.loop every eval_every=1000."
     )
 
 
