@@ -216,7 +216,7 @@ def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             f"koleo_loss needs (n_samples >= 2, dim) embeddings, got {tuple(embeddings.shape)}"
         )
     # autocast would run the matmul in half precision and pick a wrong neighbour for most
-    # rows of a crowded batch (97% of them in tests/test_koleo.py's setting, 20 seeds)
+    # rows of a crowded batch (97% of them in tests/test_loss.py's setting, 20 seeds)
     with torch.autocast(embeddings.device.type, enabled=False):
         x = F.normalize(embeddings.float(), dim=-1, eps=eps)  # (n, dim) on the unit sphere
         with torch.no_grad():  # which neighbour is nearest is a choice, not a function to learn

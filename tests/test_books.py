@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import TINY
+from test_loop import TINY
 
 import dino_nb.books as books
 from dino_nb import checkpoint as ckpt_io

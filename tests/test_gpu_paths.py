@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import tiny_config, tiny_data  # noqa: F401 - the fixture is used by name
+from test_loop import tiny_config, tiny_data  # noqa: F401 - the fixture is used by name
 
 import dino_nb.distributed as distributed
 import dino_nb.loader as loader

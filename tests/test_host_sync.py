@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY  # the tiny ViT and run of the engine's tests
+from test_loop import TINY  # the tiny ViT and run of the engine's tests
 
 import dino_nb.fast.crops as ga
 from dino_nb.loader import build_training_data

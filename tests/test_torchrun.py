@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, losses, tiny_data, torchrun  # noqa: F401 - the fixture by name
+from test_loop import TINY, losses, tiny_data, torchrun  # noqa: F401 - the fixture by name
 
 from dino_nb import checkpoint as ckpt_io
 
