@@ -215,18 +215,7 @@ def embed_folder(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     model = model if isinstance(model, Model) else load_model(model)
     root = Path(data).expanduser()
-    files = ImageFiles(root, plain_transform(model.image_size))
-    bad = find_unreadable([p for p, _ in files.samples])
-    if bad:
-        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
-        warnings.warn(
-            f"skipping {len(bad)} unreadable image(s) under {root}:\n{listing}",
-            DataWarning,
-            stacklevel=2,
-        )
-        files.remove(bad)
-        if not files.samples:
-            raise FileNotFoundError(f"{root}: no readable images")
+    files = _readable_files(root, model.image_size)
     keys = _file_keys(files)
     out_dir = Path(out).expanduser() if out is not None else None
     cache_path = out_dir / CACHE if out_dir is not None else None
@@ -237,16 +226,10 @@ def embed_folder(
     todo = [i for i, k in enumerate(keys) if k not in known]
 
     backbone = model.backbone.to(pick_device(device))
-    bar = tqdm(
-        total=len(keys),
-        initial=len(keys) - len(todo),
-        desc="embedding",
-        unit="img",
-        disable=not progress,
-    )
-    chunk = max(batch_size, FLUSH_EVERY)
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
+    done = len(keys) - len(todo)
+    bar = tqdm(total=len(keys), initial=done, desc="embedding", unit="img", disable=not progress)
+    for start in range(0, len(todo), max(batch_size, FLUSH_EVERY)):
+        part = todo[start : start + max(batch_size, FLUSH_EVERY)]
         loader = make_loader(
             torch.utils.data.Subset(files, part), batch_size, num_workers=num_workers
         )
@@ -264,21 +247,43 @@ def embed_folder(
     if out_dir is not None:
         if cache_path is not None and set(cached) != set(known):  # also drops stale entries
             _write_cache(cache_path, model.identity, model.image_size, known)
-        with atomic_file(out_dir / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
-            np.save(f, result.features)
-        with atomic_file(out_dir / INDEX) as tmp:
-            tmp.write_bytes(_index_csv(result.paths))
-        meta = {
-            "data": str(root.resolve()),
-            "model": model.source,
-            "image_size": model.image_size,
-            "normalized": normalize,
-            "rows": len(result.paths),
-            "dim": int(result.features.shape[1]),
-        }
-        with atomic_file(out_dir / META) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        _write_outputs(out_dir, result, model)
     return result
+
+
+def _readable_files(root: Path, size: int) -> ImageFiles:
+    """The images below ``root``, the unreadable ones skipped with one warning that lists them."""
+    files = ImageFiles(root, plain_transform(size))
+    bad = find_unreadable([p for p, _ in files.samples])
+    if bad:
+        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
+        warnings.warn(
+            f"skipping {len(bad)} unreadable image(s) under {root}:\n{listing}",
+            DataWarning,
+            stacklevel=3,
+        )
+        files.remove(bad)
+        if not files.samples:
+            raise FileNotFoundError(f"{root}: no readable images")
+    return files
+
+
+def _write_outputs(out_dir: Path, result: Embeddings, model: Model) -> None:
+    """``embeddings.npy``, ``index.csv`` and ``embed.json``, each written atomically."""
+    with atomic_file(out_dir / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
+        np.save(f, result.features)
+    with atomic_file(out_dir / INDEX) as tmp:
+        tmp.write_bytes(_index_csv(result.paths))
+    meta = {
+        "data": str(result.root.resolve()),
+        "model": model.source,
+        "image_size": model.image_size,
+        "normalized": result.normalized,
+        "rows": len(result.paths),
+        "dim": int(result.features.shape[1]),
+    }
+    with atomic_file(out_dir / META) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @dataclass
