@@ -115,6 +115,21 @@ def _two_views(
     return views
 
 
+def _toy_student(out_dim: int, seed: int, dtype: torch.dtype) -> MultiCropWrapper:
+    """A 2-layer MLP backbone (32 -> 64) with a DINO head, initialised from ``seed`` in ``dtype``."""
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # initialise in the run's dtype (a float32 init cast up would carry the kernels' rounding)
+        torch.set_default_dtype(dtype)
+        try:
+            backbone = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
+            head = Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2)
+            return MultiCropWrapper(backbone, head)
+        finally:
+            torch.set_default_dtype(default_dtype)
+
+
 def run_setting(
     setting: CollapseSetting,
     steps: int = 400,
@@ -149,12 +164,10 @@ def run_setting(
         noise: standard deviation of the noise added to make a view.
         drop: probability that a feature is zeroed in a view.
         seed: seeds the data, the model and the views.
-        dtype: precision of the data, the views, the model and the center: ``torch.float64``
-            (default) or ``torch.float32``. The arm without a momentum teacher oscillates,
-            and in float32 its curves after a few hundred steps depend on the CPU's kernels
-            (float32 ``randn`` alone differs in the 7th digit between AVX-512 and plain
-            kernels); in float64 the draws are the same and the rounding differences far
-            smaller, so its tails agree to the printed precision.
+        dtype: of the data, views, model and center: ``torch.float64`` (default) or
+            ``torch.float32``. The arm without a momentum teacher oscillates; in float32 its
+            tails depend on the CPU's kernels (``randn`` differs in the 7th digit between
+            AVX-512 and plain ones), in float64 they agree to the printed precision.
 
     Returns:
         the per-step curves.
@@ -165,18 +178,7 @@ def run_setting(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
     data = _toy_data(2048, 32, 8, generator, dtype)  # (2048, 32)
-    default_dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # initialise in the run's dtype (a float32 init cast up would carry the kernels' rounding)
-        torch.set_default_dtype(dtype)
-        try:
-            backbone = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
-            student = MultiCropWrapper(
-                backbone, Head(64, out_dim, hidden_dim=64, bottleneck_dim=32, n_layers=2)
-            )
-        finally:
-            torch.set_default_dtype(default_dtype)
+    student = _toy_student(out_dim, seed, dtype)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -194,15 +196,7 @@ def run_setting(
         with torch.no_grad():
             teacher_out = teacher(views)  # 2 x (batch, K)
         student_out = student(views)  # 2 x (batch, K)
-        # measure before the loss updates the center: these are the targets of this step
-        p_t = loss_fn.teacher_probs(teacher_out)  # 2 x (batch, K)
-        with torch.no_grad():
-            log_p_s = [
-                F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out
-            ]  # 2 x (batch, K)
-        run.entropy.append(float(mean_entropy(p_t)))
-        run.batch_entropy.append(float(batch_mean_entropy(p_t)))
-        run.kl.append(float(teacher_student_kl(p_t, log_p_s)))
+        _record(run, loss_fn, teacher_out, student_out)  # before the loss moves the center
         loss = loss_fn(student_out, teacher_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,6 +204,21 @@ def run_setting(
         ema_update(teacher, student, teacher_momentum if setting.momentum else 0.0)
         run.loss.append(float(loss.detach()))
     return run
+
+
+def _record(
+    run: CollapseRun,
+    loss_fn: Loss,
+    teacher_out: list[torch.Tensor],
+    student_out: list[torch.Tensor],
+) -> None:
+    """Append this step's teacher entropy, batch-mean entropy and KL: the targets of this step."""
+    p_t = loss_fn.teacher_probs(teacher_out)  # 2 x (batch, K)
+    with torch.no_grad():
+        log_p_s = [F.log_softmax(s / loss_fn.student_temp, dim=-1) for s in student_out]
+    run.entropy.append(float(mean_entropy(p_t)))
+    run.batch_entropy.append(float(batch_mean_entropy(p_t)))
+    run.kl.append(float(teacher_student_kl(p_t, log_p_s)))
 
 
 def collapse_study(
