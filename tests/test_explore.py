@@ -215,15 +215,11 @@ def test_image_row_and_steps_figure():
     assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
     with pytest.raises(ValueError):
         image_row([])
-    from dino_nb import DataAugmentation
-
-    views = DataAugmentation(n_local_crops=1, global_size=16, local_size=8).views(
-        _image(), record_steps=True
-    )
+    views = draw_views(_image(), n_local_crops=1, global_size=16, local_size=8, record_steps=True)
     fig = steps_figure(views)
     assert len(fig.axes) == 3 * max(len(v.steps) for v in views)
     with pytest.raises(ValueError, match="record_steps"):
-        steps_figure(DataAugmentation(n_local_crops=0, global_size=16).views(_image()))
+        steps_figure(draw_views(_image(), n_local_crops=0, global_size=16))
 
 
 # ---------------------------------------------------------------- temperature

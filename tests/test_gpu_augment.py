@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 import dino_nb.fast.crops as ga
-from dino_nb.augment import DataAugmentation, random_resized_box
+from dino_nb.augment import RATIO, DataAugmentation
 from dino_nb.fast.crops import (
     DecodeResize,
     GPUMultiCrop,
@@ -18,6 +19,7 @@ from dino_nb.fast.crops import (
     gaussian_blur,
     random_resized_boxes,
 )
+from dino_nb.notebook.views import record_views
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +39,14 @@ def smooth_image(size=32, seed=0):
     )
     arr = np.clip(np.asarray(low, dtype=np.int16) + rng.integers(-10, 11, (size, size, 3)), 0, 255)
     return Image.fromarray(arr.astype(np.uint8))
+
+
+def torchvision_box(width, height, scale, ratio=RATIO):
+    """One box ``(left, top, right, bottom)`` as ``RandomResizedCrop`` draws it (global generator)."""
+    top, left, h, w = T.RandomResizedCrop.get_params(
+        torch.empty(3, height, width), list(scale), list(ratio)
+    )
+    return left, top, left + w, top + h
 
 
 def as_batch(img, n):
@@ -93,7 +103,7 @@ def test_boxes_fallback_matches_cpu_rule():
     # nothing with aspect in (2, 3) covering the whole square fits: centre crop of ratio 2
     b = random_resized_boxes(4, 40, 40, (1.0, 1.0), ratio=(2.0, 3.0))
     torch.manual_seed(0)
-    assert b.tolist() == [list(map(float, random_resized_box(40, 40, (1.0, 1.0), (2.0, 3.0))))] * 4
+    assert b.tolist() == [list(map(float, torchvision_box(40, 40, (1.0, 1.0), (2.0, 3.0))))] * 4
     assert b[0].tolist() == [0.0, 10.0, 40.0, 30.0]
 
 
@@ -101,9 +111,7 @@ def test_boxes_follow_the_cpu_distribution():
     n, height, width, scale = 4000, 60, 80, (0.05, 0.4)
     g = random_resized_boxes(n, height, width, scale, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(1)
-    c = torch.tensor(
-        [random_resized_box(width, height, scale) for _ in range(n)], dtype=torch.float32
-    )
+    c = torch.tensor([torchvision_box(width, height, scale) for _ in range(n)], dtype=torch.float32)
     area_g = ((g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) / (height * width)).numpy()
     area_c = ((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]) / (height * width)).numpy()
     log_ar_g = torch.log((g[:, 2] - g[:, 0]) / (g[:, 3] - g[:, 1])).numpy()
@@ -276,14 +284,18 @@ def test_forced_operations(no_random_ops, op):
 
 
 def test_same_distribution_of_views_as_the_cpu_pipeline():
-    """Frequencies of every augmentation per view kind, crop area and aspect, brightness."""
+    """Frequencies of every augmentation per view kind, crop area and aspect, brightness.
+
+    The CPU pipeline's views come with their records from ``record_views``, which gives
+    ``DataAugmentation``'s views pixel for pixel (``test_views.py``).
+    """
     n, size = 300, 32
     img = smooth_image(size)
     cpu = DataAugmentation(n_local_crops=2, global_size=16, local_size=8, normalize=False)
     gpu = GPUMultiCrop.from_augmentation(cpu)
     gpu.normalize = False
     torch.manual_seed(0)
-    cpu_views = [cpu.views(img) for _ in range(n)]  # n x [g1, g2, l1, l2]
+    cpu_views = [record_views(cpu, img) for _ in range(n)]  # n x [g1, g2, l1, l2]
     gpu_crops, gpu_params = gpu.views(as_batch(img, n), torch.Generator().manual_seed(0))
 
     def freq_cpu(i, attr):

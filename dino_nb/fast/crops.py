@@ -1,8 +1,8 @@
 """Multi-crop augmentation on the accelerator, for machines with few CPU cores.
 
 A Kaggle or Colab GPU sits beside 2 to 4 CPU cores; DINO's ten views per image then make
-the CPU the bottleneck (:class:`~dino_nb.augment.DataAugmentation` costs a few
-milliseconds per view in PIL). Here the CPU only decodes each image and resizes it to a
+the CPU the bottleneck (:class:`~dino_nb.augment.DataAugmentation`, torchvision's
+transforms on PIL images, costs about a millisecond per view at the paper's sizes). Here the CPU only decodes each image and resizes it to a
 fixed square canvas (:class:`DecodeResize`, about a millisecond), the ``DataLoader``
 collates ``uint8`` batches, and :class:`GPUMultiCrop` draws every view on the device,
 per sample and without a host synchronisation:
@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
+from torchvision.transforms.functional import pil_to_tensor
 
 from ..augment import (
     BLUR_SIGMA,
@@ -74,7 +75,6 @@ from ..augment import (
     MultiCropSettings,
     device_constant,
     imagenet_stats,
-    pil_to_uint8_tensor,
 )
 
 #: Order of the colour-jitter operations in ``ViewParams.factors`` and ``ViewParams.order``.
@@ -126,7 +126,7 @@ class DecodeResize:
         s = min(w, h)
         box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
         img = img.resize((self.canvas, self.canvas), Image.BILINEAR, box=box)
-        return pil_to_uint8_tensor(img)  # (3, canvas, canvas)
+        return pil_to_tensor(img).contiguous()  # (3, canvas, canvas)
 
 
 def random_resized_boxes(
@@ -139,7 +139,7 @@ def random_resized_boxes(
     device: torch.device | str | None = None,
     tries: int = 10,
 ) -> torch.Tensor:
-    """Draw ``n`` crop boxes at once with the rule of :func:`dino_nb.augment.random_resized_box`.
+    """Draw ``n`` crop boxes at once with the rule of torchvision's ``RandomResizedCrop``.
 
     Per box: up to ``tries`` draws of an area fraction (uniform in ``scale``) and an
     aspect ratio (log-uniform in ``ratio``); the first draw whose rounded width and height

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
-from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation, View
+from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation
 from ..config import TrainConfig
 from ..distributed import pick_device
 from ..tools.cli import auto_preset
@@ -36,6 +36,7 @@ from ..tools.memory import memory_line
 from ..tools.presets import preset
 from .attention import threshold_mask, upsample
 from .figures import class_colors, new_figure, to_hwc, view_labels
+from .views import View, record_views
 
 ProfileName = Literal["ci", "cpu", "gpu"]
 #: The environment variable that forces a profile (the root ``conftest.py`` sets ``ci``).
@@ -359,7 +360,7 @@ def draw_views(
     local_size: int = 96,
     record_steps: bool = False,
 ) -> list[View]:
-    """DINO's views of ``image`` from a given seed, leaving torch's global random state alone.
+    """DINO's views of ``image`` from a seed, with records; torch's global random state is kept.
 
     Args:
         image: the original.
@@ -377,7 +378,7 @@ def draw_views(
     aug = DataAugmentation(global_scale, local_scale, n_local_crops, global_size, local_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return aug.views(image, record_steps=record_steps)
+        return record_views(aug, image, record_steps=record_steps)
 
 
 def crop_explorer(
@@ -503,13 +504,13 @@ def image_row(
 
 
 def steps_figure(views: Sequence[View]) -> Figure:
-    """One row per view, one column per step it went through (``views(..., record_steps=True)``).
+    """One row per view, one column per step it went through (``record_steps=True``).
 
     Raises:
         ValueError: when the views hold no recorded steps.
     """
     if not views or not any(v.steps for v in views):
-        raise ValueError("the views hold no steps; draw them with views(img, record_steps=True)")
+        raise ValueError("the views hold no steps; draw them with record_steps=True")
     ncols = max(len(v.steps) for v in views)
     fig = new_figure((1.5 * ncols + 0.4, 1.6 * len(views)))
     axes = fig.subplots(len(views), ncols, squeeze=False)

@@ -17,8 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..augment import View
 from .attention import threshold_mask, upsample
+from .views import View
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
 
@@ -421,7 +421,7 @@ def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
     """The augmented views side by side, titled ``G1``/``L1``... with their size and augmentations.
 
     Args:
-        views: from :meth:`~dino_nb.augment.DataAugmentation.views`.
+        views: from :func:`~dino_nb.notebook.views.record_views`.
         ncols: columns of the grid; default all views in one row up to 6.
 
     Returns:
