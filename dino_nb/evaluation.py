@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, JITTER, P_GRAYSCALE, P_JITTER, denormalize
+from .augment import IMAGENET_MEAN, IMAGENET_STD, JITTER, P_FLIP, P_GRAYSCALE, P_JITTER, denormalize
 from .distributed import resolve_precision
 from .loader import make_loader
 from .model import unwrap_backbone
@@ -405,7 +405,7 @@ def view_transform(size: int) -> Callable[[Any], torch.Tensor]:
             transforms.RandomResizedCrop(
                 size, scale=(0.25, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
             ),
-            transforms.RandomHorizontalFlip(),
+            transforms.RandomHorizontalFlip(p=P_FLIP),
             transforms.RandomApply([transforms.ColorJitter(*JITTER)], p=P_JITTER),
             transforms.RandomGrayscale(p=P_GRAYSCALE),
             transforms.ToTensor(),
