@@ -1,30 +1,26 @@
-"""Multi-crop augmentation throughput of one data-loading worker: the tutorial's vs ours.
+"""Multi-crop throughput of one data-loading worker: the readable pipeline vs the fast batched one.
 
-Each pass reads ``--images`` JPEGs (open + decode + convert to RGB), augments each into
-all its views and collates them into one batch, which is a loader worker's whole job: the
-tutorial's torchvision pipeline returns normalised float crops; ours
-(:class:`dino_nb.augment.DataAugmentation`) returns uint8 crops, normalised after
-collation by the training loop on its device (the script prints what that costs when the
-device is this CPU). Passes alternate between the contenders, on the same images; the
-table shows median images/s and the median of the per-pair time ratios.
-
-Read from ``../shared/data/imagenette-mini`` (224x224 photos) when present; ``--photos
-500x375`` uses generated JPEGs of ImageNette's typical full size instead, where more crop
-boxes are larger than the output and our gain is smaller.
+The **readable** pipeline is the default path: per image, open + decode + convert to RGB,
+:class:`dino_nb.augment.DataAugmentation` (torchvision's transforms on PIL images) makes
+every view, and the batch is collated (uint8 crops, normalised later on the device). The
+**fast** one is ``--cache-pixels``: :class:`dino_nb.fast.cache.MultiCropCollate` cuts a
+whole batch's views at once with :class:`dino_nb.fast.crops.GPUMultiCrop`'s tensor ops from
+canvases decoded once beforehand (the pixel cache; held in memory here), so its column
+holds no decoding. Passes alternate between the two on the same images; the table shows
+median images/s and the median of the per-pair speed ratios (fast / readable).
 
 Rows:
 
-- the tutorial's settings, ``-c 4``: 2 global + 2 local crops, all at 224;
-- 2 global + 8 local at 224 (the tutorial's ``DataAugmentation`` default);
-- the same with our colour jitter applied as often as the tutorial's (p=0.5 instead of
-  the paper's 0.8), to show how much of the gap is the extra work the paper asks for;
-- the paper's settings: 8 local crops at 96 (both pipelines at the same settings);
-- the CPU side of ``--gpu-augment`` (decode + resize to a 256 canvas; crops and colour
-  work move to the GPU), against the tutorial's pipeline at the paper's settings.
-  ``--device cuda`` adds the device side of that path.
+- the main job (``python -m dino_nb.train``, preset ``cpu-quick``): the built-in shapes
+  (64x64 PNGs), 2 x 48 + 4 x 24 crops, local scale (0.1, 0.4), batches of 32, canvas 55;
+- the paper's views, 2 x 224 + 8 x 96, on photos: imagenette-mini's 224x224 JPEGs (the row
+  is skipped when they are absent) or ``--photos WxH`` generated ones, canvas 256;
+- the same photos with the fast column replaced by the CPU side of ``--gpu-augment``
+  (decode + resize to the canvas; the crops are then made on the GPU). ``--device cuda``
+  adds the device side of that path.
 
 Usage:
-    python benchmarks/bench_augment.py            # about 2 minutes on 2 cores
+    python benchmarks/bench_augment.py            # about a minute on 2 cores
     python benchmarks/bench_augment.py --quick    # a sanity run, seconds
     python benchmarks/bench_augment.py --photos 500x375   # larger (generated) photos
 """
@@ -32,55 +28,66 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 
 import _common as C
-import seed_baseline
 import torch
 
-import dino_nb.augment as augment
-from dino_nb.augment import DataAugmentation, normalize_uint8
+from dino_nb.augment import DataAugmentation
 from dino_nb.datasets import rgb_loader
+from dino_nb.fast.cache import MultiCropCollate
 from dino_nb.fast.crops import DecodeResize, GPUMultiCrop
 from dino_nb.loader import collate_crops
+from dino_nb.sources import ensure_builtin_dataset
+
+#: The main job's views (preset ``cpu-quick``) and the paper's.
+MAIN_JOB = dict(local_crops_scale=(0.1, 0.4), n_local_crops=4, global_size=48, local_size=24)
+PAPER = dict(n_local_crops=8, global_size=224, local_size=96)
 
 
-@contextlib.contextmanager
-def jitter_probability(p: float):
-    """Temporarily change the colour-jitter probability of ``dino_nb.augment``."""
-    old = augment.P_JITTER
-    augment.P_JITTER = p
-    try:
-        yield
-    finally:
-        augment.P_JITTER = old
-
-
-def make_pass(paths, n_images, transform, collate):
+def readable_pass(paths, n_images, aug):
     """A function that loads, augments and collates ``n_images`` (cycling over ``paths``)."""
     it = itertools.cycle(paths)
 
     def run():
-        batch = [(transform(rgb_loader(next(it))), 0) for _ in range(n_images)]
-        crops, _ = collate(batch)
-        return crops
+        return collate_crops([(aug(rgb_loader(next(it))), 0) for _ in range(n_images)])[0]
 
     return run
 
 
-def baseline_collate(batch):
-    """``default_collate`` for a list of crops: one stacked tensor per crop."""
-    return [torch.stack([s[0][i] for s in batch]) for i in range(len(batch[0][0]))], None
+def fast_pass(paths, n_images, aug, canvas):
+    """A function that cuts one batch's views from ``n_images`` canvases decoded beforehand."""
+    decode = DecodeResize(canvas)
+    canvases = [decode(rgb_loader(p)) for p in paths[: max(n_images, 64)]]
+    it = itertools.cycle(canvases)
+    collate = MultiCropCollate(aug)
+    seeds = itertools.count()
+
+    def run():
+        return collate([(next(it), 0, next(seeds)) for _ in range(n_images)])[0]
+
+    return run
+
+
+def compare(fns, n_images, repeats):
+    """Images/s of each contender (median) and the median paired speed ratio fast / readable."""
+    for fn in fns.values():  # warm-up: file cache, lazy imports
+        fn()
+    t = C.alternate(fns, repeats)
+    r, f = n_images / C.median(t["readable"]), n_images / C.median(t["fast"])
+    return r, f, C.paired_ratio(t["readable"], t["fast"])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sanity run")
-    p.add_argument("--images", type=int, default=24, help="images per timed pass")
+    p.add_argument("--images", type=int, default=24, help="photos per timed pass")
+    p.add_argument(
+        "--batch", type=int, default=32, help="images per timed pass at the main job's sizes"
+    )
     p.add_argument("--repeats", type=int, default=9, help="timed passes per contender")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one loader worker)")
-    p.add_argument("--canvas", type=int, default=256, help="canvas of the --gpu-augment path")
+    p.add_argument("--canvas", type=int, default=256, help="canvas of the photos' fast paths")
     p.add_argument(
         "--photos",
         default=None,
@@ -91,109 +98,67 @@ def main(argv=None):
     p.add_argument(
         "--device", default=None, help="also time GPUMultiCrop on this device (e.g. cuda)"
     )
-    p.add_argument(
-        "--batch", type=int, default=64, help="batch for the device side of the GPU path"
-    )
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.repeats = 4, 1
+        args.images, args.batch, args.repeats = 4, 4, 1
     threads = C.set_threads(args.threads)
     if args.photos:
         try:
             w, h = (int(v) for v in args.photos.lower().split("x"))
         except ValueError:
             p.error(f"--photos must look like 500x375, got {args.photos!r}")
-        root, source = C.image_folder_root(size=(w, h), generated=True)
+        photos, source = C.image_folder_root(size=(w, h), generated=True)
+    elif (C.MINI / "train").is_dir():
+        photos, source = C.image_folder_root()
     else:
-        root, source = C.image_folder_root()
-    paths = C.jpeg_paths(root)
-    print(
-        f"images: {source}; {args.images} images per pass, {args.repeats} passes; {C.machine_line(threads)}"
-    )
+        photos, source = None, f"no photos ({C.MINI} absent; --photos WxH generates some)"
+    print(f"photos: {source}; {args.repeats} passes; {C.machine_line(threads)}")
 
-    settings = [
-        ("tutorial -c 4: 2+2 crops at 224", dict(n_local_crops=2, global_size=224), None),
-        ("2+8 crops at 224", dict(n_local_crops=8, global_size=224), None),
-        ("2+8 at 224, ours with jitter p=0.5", dict(n_local_crops=8, global_size=224), 0.5),
-        ("paper: 2x224 + 8x96", dict(n_local_crops=8, global_size=224, local_size=96), None),
-    ]
     rows = []
-    for name, kw, p_jitter in settings:
-        # the tutorial calls the global crops' side ``size``
-        base = seed_baseline.DataAugmentation(
-            **{"size" if k == "global_size" else k: v for k, v in kw.items()}
-        )
-        ours = DataAugmentation(**kw, normalize=False)
-        fns = {
-            "baseline": make_pass(paths, args.images, base, baseline_collate),
-            "ours": make_pass(paths, args.images, ours, collate_crops),
-        }
-        with jitter_probability(p_jitter if p_jitter is not None else augment.P_JITTER):
-            for fn in fns.values():  # warm-up: file cache, lazy imports
-                fn()
-            t = C.alternate(fns, args.repeats)
-        b, o = args.images / C.median(t["baseline"]), args.images / C.median(t["ours"])
-        rows.append([name, b, o, C.paired_ratio(t["baseline"], t["ours"])])
-        print(f"  {name}: {b:.1f} vs {o:.1f} images/s", flush=True)
-        if "local_size" in kw:
-            crops = fns["ours"]()
-            t_norm = C.alternate(
-                {"norm": lambda crops=crops: [normalize_uint8(c) for c in crops]}, 3
-            )
-            norm_ms = 1e3 * C.median(t_norm["norm"]) / args.images
+    shapes = C.jpeg_paths(ensure_builtin_dataset())
+    aug = DataAugmentation(**MAIN_JOB, normalize=False)
+    fns = {
+        "readable": readable_pass(shapes, args.batch, aug),
+        "fast": fast_pass(shapes, args.batch, aug, canvas=round(48 * 256 / 224)),
+    }
+    rows.append(["main job: built-in shapes, 2x48 + 4x24", *compare(fns, args.batch, args.repeats)])
+    print(f"  {rows[-1][0]}: {rows[-1][1]:.0f} vs {rows[-1][2]:.0f} images/s", flush=True)
 
-    # --gpu-augment: the CPU only decodes and resizes; the baseline is the tutorial at the paper's settings
-    decode = DecodeResize(args.canvas)
-    it = itertools.cycle(paths)
+    if photos is not None:
+        paths = C.jpeg_paths(photos)
+        aug = DataAugmentation(**PAPER, normalize=False)
+        readable = readable_pass(paths, args.images, aug)
+        fns = {"readable": readable, "fast": fast_pass(paths, args.images, aug, args.canvas)}
+        rows.append(["paper: photos, 2x224 + 8x96", *compare(fns, args.images, args.repeats)])
+        print(f"  {rows[-1][0]}: {rows[-1][1]:.1f} vs {rows[-1][2]:.1f} images/s", flush=True)
 
-    def cpu_side():
-        return torch.stack([decode(decode.open(next(it))) for _ in range(args.images)])
+        decode, it = DecodeResize(args.canvas), itertools.cycle(paths)
 
-    base = make_pass(
-        paths,
-        args.images,
-        seed_baseline.DataAugmentation(n_local_crops=8, local_size=96),
-        baseline_collate,
-    )
-    cpu_side(), base()
-    t = C.alternate({"baseline": base, "ours": cpu_side}, args.repeats)
-    b, o = args.images / C.median(t["baseline"]), args.images / C.median(t["ours"])
-    rows.append(
-        [
-            f"paper settings, --gpu-augment CPU side (decode + resize to {args.canvas})",
-            b,
-            o,
-            C.paired_ratio(t["baseline"], t["ours"]),
-        ]
-    )
+        def cpu_side():
+            return torch.stack([decode(decode.open(next(it))) for _ in range(args.images)])
+
+        fns = {"readable": readable, "fast": cpu_side}
+        name = f"paper, fast = --gpu-augment's CPU side (decode + resize to {args.canvas})"
+        rows.append([name, *compare(fns, args.images, args.repeats)])
 
     C.print_table(
-        f"Multi-crop augmentation, images/s in one worker ({threads} torch thread), median of {args.repeats}",
-        ["setting", "tutorial", "ours", "ratio"],
+        f"Multi-crop views, images/s in one worker ({threads} torch thread), median of {args.repeats}",
+        ["setting", "readable", "fast", "ratio"],
         rows,
     )
-    print(
-        f"\nOurs normalises the collated uint8 crops on the training device; on this CPU that costs "
-        f"{norm_ms:.2f} ms per image at the paper's settings (normalize_uint8, outside the worker)."
-    )
 
-    if args.device:
+    if args.device and photos is not None:
         device = torch.device(args.device)
-        gpu_aug = GPUMultiCrop(n_local_crops=8, global_size=224, local_size=96)
-        canvases = cpu_side()[: min(args.images, args.batch)]
-        canvases = canvases.repeat((args.batch + len(canvases) - 1) // len(canvases), 1, 1, 1)[
-            : args.batch
-        ]
-        canvases = canvases.to(device)
+        gpu_aug = GPUMultiCrop(**PAPER)
+        canvases = cpu_side().to(device)
         gpu_aug(canvases)  # warm-up
         t = C.alternate(
             {"gpu": lambda: gpu_aug(canvases)}, max(args.repeats, 3), device=str(device)
         )
-        rate = args.batch / C.median(t["gpu"])
         C.print_table(
-            f"GPUMultiCrop on {device}, paper settings, batch {args.batch} canvases of {args.canvas}",
+            f"GPUMultiCrop on {device}, paper settings, batch {len(canvases)} canvases of {args.canvas}",
             ["device", "images/s", "ms per batch"],
-            [[str(device), rate, 1e3 * C.median(t["gpu"])]],
+            [[str(device), len(canvases) / C.median(t["gpu"]), 1e3 * C.median(t["gpu"])]],
         )
 
 

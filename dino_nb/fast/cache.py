@@ -5,7 +5,7 @@ On 2 CPU cores at small resolutions (64-pixel global crops) the PIL path
 drawing ten small views one at a time. Here:
 
 1. **Pixel cache.** :func:`canvas_cache` decodes every photo of an ``ImageFolder`` split
-   once, shrinks it to a square uint8 canvas with :class:`~dino_nb.gpu_augment.DecodeResize`
+   once, shrinks it to a square uint8 canvas with :class:`~dino_nb.fast.crops.DecodeResize`
    (short side to ``canvas``, central square, JPEG draft decoding) and keeps all of them in
    one ``(N, 3, C, C)`` ``.npy`` file, opened memory-mapped: the loader then reads pixels
    from the page cache, never a JPEG. The file is keyed by a fingerprint of the files
@@ -13,11 +13,11 @@ drawing ten small views one at a time. Here:
    the Pillow version, so it is rebuilt whenever one changes, never served stale.
    :class:`CachedCanvases` is the dataset view of it.
 2. **Batched augmentation on the CPU.** :class:`MultiCropCollate` stacks a batch of
-   canvases and runs :class:`~dino_nb.gpu_augment.GPUMultiCrop` on it inside the loader
+   canvases and runs :class:`~dino_nb.fast.crops.GPUMultiCrop` on it inside the loader
    worker (vectorised over the batch: one crop-and-resize call per resolution instead of
    one PIL call per view), with a generator seeded from the batch's per-sample seeds, so
    the same batch always gets the same views. It returns what
-   :func:`dino_nb.data.collate_crops` returns for the PIL path, so the training loop does
+   :func:`dino_nb.loader.collate_crops` returns for the PIL path, so the training loop does
    not know which path made the batch.
 
 Where the cache lives: ``<data>/.dino_nb_cache/`` beside the split folders (``<data>`` is
@@ -302,8 +302,8 @@ class CachedCanvases(Dataset):
 class WithSeeds(Dataset):
     """``dataset[(index, seed)] -> (sample, label, seed)``: hand the sampler's seeds to the collate.
 
-    :class:`~dino_nb.sampling.TrainSampler` yields ``(index, seed)`` pairs;
-    :class:`~dino_nb.sampling.SeededDataset` spends the seed on a per-image augmentation,
+    :class:`~dino_nb.loader.TrainSampler` yields ``(index, seed)`` pairs;
+    :class:`~dino_nb.loader.SeededDataset` spends the seed on a per-image augmentation,
     this keeps it for :class:`MultiCropCollate`, which augments the whole batch at once.
     """
 
@@ -329,7 +329,7 @@ class MultiCropCollate:
     """Collate ``(canvas, label, seed)`` samples into multi-crop views, on the CPU, batched.
 
     Stacks the canvases and draws every view with
-    :class:`~dino_nb.gpu_augment.GPUMultiCrop` (same settings as ``augmentation``, the
+    :class:`~dino_nb.fast.crops.GPUMultiCrop` (same settings as ``augmentation``, the
     same distribution of views as its GPU use), seeded with :func:`batch_seed`: the same
     batch gives the same views in any process, another batch other views. Picklable, so
     it runs in ``DataLoader`` workers, where torch uses one thread.
@@ -337,7 +337,7 @@ class MultiCropCollate:
     Args:
         augmentation: the multi-crop settings, e.g. the run's
             :class:`~dino_nb.augment.DataAugmentation`. Its ``normalize`` decides the output,
-            as for :func:`~dino_nb.data.collate_crops` on the PIL path: ``False`` gives uint8
+            as for :func:`~dino_nb.loader.collate_crops` on the PIL path: ``False`` gives uint8
             crops (normalise them on the device with
             :func:`~dino_nb.augment.normalize_uint8`), ``True`` normalised float32 crops.
     """
