@@ -11,24 +11,26 @@ from PIL import Image
 matplotlib.use("Agg")
 
 from dino_nb.notebook import explore  # noqa: E402
-from dino_nb.notebook.explore import (  # noqa: E402
+from dino_nb.notebook.explore import (
     Profile,
     attention_explorer,
-    crop_explorer,
     detect_platform,
-    draw_views,
     finished_run,
-    image_row,
     light_figures,
     pick_profile,
     relative,
     runs_dir,
     sample_photos,
-    single_augmentations,
-    steps_figure,
     temperature_figure,
     tempered_softmax,
     training_config,
+)
+from dino_nb.notebook.views import (
+    crop_explorer,
+    draw_views,
+    image_row,
+    single_augmentations,
+    steps_figure,
 )
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from test_loop import TINY  # the tiny ViT and run of the engine's tests
 
-import dino_nb.fast.crops as ga
+import dino_nb.fast.colour as colour
 from dino_nb.loader import build_training_data
 from dino_nb.sources import generate
 from dino_nb.step import build_run, train_step
@@ -80,7 +80,7 @@ def host_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostSyncs]:
     for owner, name, counts in ENTRY_POINTS:
         monkeypatch.setattr(owner, name, syncs.wrap(name, getattr(owner, name), counts))
     # run GPUMultiCrop's accelerator branches (the CPU's skip work by reading masks)
-    monkeypatch.setattr(ga, "_sync_is_free", lambda device: False)
+    monkeypatch.setattr(colour, "_sync_is_free", lambda device: False)
     yield syncs
 
 

@@ -25,18 +25,15 @@ from typing import Any, Literal
 
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageFilter, ImageOps
-from torchvision.transforms import functional as TF
+from PIL import Image
 
-from ..augment import JITTER, SOLARIZE_THRESHOLD, DataAugmentation
 from ..config import TrainConfig
 from ..distributed import pick_device
 from ..tools.cli import auto_preset
 from ..tools.memory import memory_line
 from ..tools.presets import preset
 from .attention import threshold_mask, upsample
-from .figures import class_colors, new_figure, to_hwc, view_labels
-from .views import View, record_views
+from .figures import new_figure, to_hwc
 
 ProfileName = Literal["ci", "cpu", "gpu"]
 #: The environment variable that forces a profile (the root ``conftest.py`` sets ``ci``).
@@ -345,185 +342,6 @@ def sample_images(
             for i, f in enumerate(files)
         )
     return out
-
-
-# --------------------------------------------------------------------------- notebook 01: crops
-
-
-def draw_views(
-    image: Image.Image,
-    seed: int = 0,
-    global_scale: tuple[float, float] = (0.4, 1.0),
-    local_scale: tuple[float, float] = (0.05, 0.4),
-    n_local_crops: int = 6,
-    global_size: int = 224,
-    local_size: int = 96,
-    record_steps: bool = False,
-) -> list[View]:
-    """DINO's views of ``image`` from a seed, with records; torch's global random state is kept.
-
-    Args:
-        image: the original.
-        seed: the same seed and arguments give the same views.
-        global_scale: (min, max) fraction of the image area a global crop covers.
-        local_scale: same for local crops.
-        n_local_crops: number of local crops.
-        global_size: side of the global crops in pixels.
-        local_size: side of the local crops in pixels.
-        record_steps: keep each augmentation's intermediate image (``View.steps``).
-
-    Returns:
-        ``[global 1, global 2, local 1, ...]``.
-    """
-    aug = DataAugmentation(global_scale, local_scale, n_local_crops, global_size, local_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return record_views(aug, image, record_steps=record_steps)
-
-
-def crop_explorer(
-    image: Image.Image,
-    seed: int = 0,
-    global_scale: tuple[float, float] = (0.4, 1.0),
-    local_scale: tuple[float, float] = (0.05, 0.4),
-    n_local_crops: int = 6,
-    global_size: int = 224,
-    local_size: int = 96,
-) -> Figure:
-    """The original with each view's crop box (solid: global, dashed: local), beside the views.
-
-    Arguments as :func:`draw_views`; the function behind notebook 01's sliders.
-
-    Returns:
-        a figure: the original and its boxes on the left, the views in a grid on the right.
-    """
-    from matplotlib.patches import Rectangle
-
-    views = draw_views(
-        image, seed, global_scale, local_scale, n_local_crops, global_size, local_size
-    )
-    labels = view_labels(views)
-    colors = class_colors(max(len(views), 1))
-    ncols = min(max(len(views), 2), 5)
-    nrows = math.ceil(len(views) / ncols)
-    fig = new_figure((4.5 + 1.6 * ncols, max(3.4, 1.8 * nrows)))
-    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.6 * ncols])
-    ax = left.subplots()
-    ax.imshow(to_hwc(image))
-    for view, label, color in zip(views, labels, colors, strict=True):
-        x0, y0, x1, y1 = view.box
-        is_global = view.kind == "global"
-        ax.add_patch(
-            Rectangle(
-                (x0, y0),
-                x1 - x0,
-                y1 - y0,
-                fill=False,
-                edgecolor=color,
-                linewidth=2.5 if is_global else 1.5,
-                linestyle="-" if is_global else "--",
-            )
-        )
-        ax.text(
-            x0 + 1,
-            y0 + 1,
-            label,
-            color="white",
-            fontsize=8,
-            va="top",
-            bbox={"facecolor": color, "pad": 1, "edgecolor": "none"},
-        )
-    ax.set_title(f"original {image.width}x{image.height}: {len(views)} crop boxes")
-    ax.axis("off")
-    axes = right.subplots(nrows, ncols, squeeze=False).flatten()
-    for a, view, label, color in zip(axes, views, labels, colors, strict=False):
-        a.imshow(to_hwc(view.image))
-        a.set_title(f"{label}: {view.image.width}px", fontsize=9, color=color)
-        a.axis("off")
-    for a in axes[len(views) :]:
-        a.axis("off")
-    return fig
-
-
-def single_augmentations(image: Image.Image, size: int = 224) -> list[tuple[str, Image.Image]]:
-    """Each of DINO's augmentations alone, at its strongest setting, on the same centre crop.
-
-    Returns:
-        ``[(name, image), ...]``: the centre crop, then flip, brightness, contrast,
-        saturation, hue, grayscale, blur (sigma 2, the largest drawn) and solarize, each
-        applied to the centre crop only.
-    """
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    image = image.convert("RGB")
-    side = min(image.size)
-    box = ((image.width - side) // 2, (image.height - side) // 2)
-    base = image.resize(
-        (size, size), Image.BICUBIC, box=(box[0], box[1], box[0] + side, box[1] + side)
-    )
-    b, c, s, h = JITTER
-    return [
-        ("centre crop", base),
-        ("horizontal flip", base.transpose(Image.FLIP_LEFT_RIGHT)),
-        (f"brightness x{1 + b:g}", TF.adjust_brightness(base, 1 + b)),
-        (f"contrast x{1 + c:g}", TF.adjust_contrast(base, 1 + c)),
-        (f"saturation x{1 - s:g}", TF.adjust_saturation(base, 1 - s)),
-        (f"hue {h:+g}", TF.adjust_hue(base, h)),
-        ("grayscale", base.convert("L").convert("RGB")),
-        ("blur sigma 2", base.filter(ImageFilter.GaussianBlur(radius=2.0))),
-        (
-            f"solarize >= {SOLARIZE_THRESHOLD}",
-            ImageOps.solarize(base, threshold=SOLARIZE_THRESHOLD),
-        ),
-    ]
-
-
-def image_row(
-    images: Sequence[tuple[str, Any]], ncols: int | None = None, size: float = 1.6
-) -> Figure:
-    """Titled images in a grid (one row by default).
-
-    Args:
-        images: ``[(title, image), ...]``; images as :func:`~dino_nb.viz.to_hwc` accepts.
-        ncols: columns; default all in one row.
-        size: inches per panel.
-    """
-    if not images:
-        raise ValueError("no images to show")
-    ncols = ncols or len(images)
-    nrows = math.ceil(len(images) / ncols)
-    fig = new_figure((size * ncols, size * nrows + 0.4))
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, (title, img) in zip(axes, images, strict=False):
-        ax.imshow(to_hwc(img))
-        ax.set_title(title, fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def steps_figure(views: Sequence[View]) -> Figure:
-    """One row per view, one column per step it went through (``record_steps=True``).
-
-    Raises:
-        ValueError: when the views hold no recorded steps.
-    """
-    if not views or not any(v.steps for v in views):
-        raise ValueError("the views hold no steps; draw them with record_steps=True")
-    ncols = max(len(v.steps) for v in views)
-    fig = new_figure((1.5 * ncols + 0.4, 1.6 * len(views)))
-    axes = fig.subplots(len(views), ncols, squeeze=False)
-    for r, (view, label) in enumerate(zip(views, view_labels(views), strict=True)):
-        for c in range(ncols):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(view.steps):
-                name, img = view.steps[c]
-                ax.imshow(to_hwc(img))
-                ax.set_title(f"{label}: {name}" if c == 0 else name, fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- notebook 03: temperature

@@ -8,7 +8,6 @@ Images may be given as ``(3, H, W)`` tensors in [0, 1], ``(H, W, 3)`` arrays, or
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -18,7 +17,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .attention import threshold_mask, upsample
-from .views import View
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
 
@@ -388,56 +386,5 @@ def attention_grid(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def view_labels(views: Sequence[View]) -> list[str]:
-    """``"G1"``, ``"G2"`` for global views and ``"L1"``, ``"L2"``, ... for local ones, in order."""
-    counts = {"global": 0, "local": 0}
-    labels = []
-    for v in views:
-        counts[v.kind] = counts.get(v.kind, 0) + 1
-        labels.append(f"{'G' if v.kind == 'global' else 'L'}{counts[v.kind]}")
-    return labels
-
-
-def _view_flags(view: View) -> str:
-    flags = []
-    if view.flipped:
-        flags.append("flip")
-    if view.jitter is not None:
-        flags.append("jitter")
-    if view.grayscale:
-        flags.append("gray")
-    if view.blur_sigma is not None:
-        flags.append(f"blur {view.blur_sigma:.1f}")
-    if view.solarized:
-        flags.append("solarize")
-    return ", ".join(flags) or "no colour aug."
-
-
-def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
-    """The augmented views side by side, titled ``G1``/``L1``... with their size and augmentations.
-
-    Args:
-        views: from :func:`~dino_nb.notebook.views.record_views`.
-        ncols: columns of the grid; default all views in one row up to 6.
-
-    Returns:
-        a figure with one axis per view.
-    """
-    if not views:
-        raise ValueError("no views to show")
-    ncols = ncols or min(len(views), 6)
-    nrows = math.ceil(len(views) / ncols)
-    fig = new_figure((2.2 * ncols, 2.7 * nrows + 0.3))
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, view, label in zip(axes, views, view_labels(views), strict=False):
-        ax.imshow(to_hwc(view.image))
-        ax.set_title(f"{label} ({view.image.width}px)\n{_view_flags(view)}", fontsize=8)
-        ax.axis("off")
-    for ax in axes[len(views) :]:
-        fig.delaxes(ax)
     fig.tight_layout()
     return fig

@@ -10,10 +10,14 @@ seed it gives the same views, pixel for pixel (``tests/test_views.py`` holds it 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from PIL import Image, ImageFilter
+from matplotlib.figure import Figure
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -29,6 +33,7 @@ from ..augment import (
     DataAugmentation,
     GaussianBlur,
 )
+from .figures import class_colors, new_figure, to_hwc
 
 #: The colour-jitter operations in ``ColorJitter``'s order (its random permutation indexes this).
 _JITTER_OPS = {
@@ -134,3 +139,230 @@ def _record(
         x = step("solarize", TF.solarize(x, SOLARIZE_THRESHOLD))
     view.image, view.steps = x, steps
     return view
+
+
+def draw_views(
+    image: Image.Image,
+    seed: int = 0,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    n_local_crops: int = 6,
+    global_size: int = 224,
+    local_size: int = 96,
+    record_steps: bool = False,
+) -> list[View]:
+    """DINO's views of ``image`` from a seed, with records; torch's global random state is kept.
+
+    Args:
+        image: the original.
+        seed: the same seed and arguments give the same views.
+        global_scale: (min, max) fraction of the image area a global crop covers.
+        local_scale: same for local crops.
+        n_local_crops: number of local crops.
+        global_size: side of the global crops in pixels.
+        local_size: side of the local crops in pixels.
+        record_steps: keep each augmentation's intermediate image (``View.steps``).
+
+    Returns:
+        ``[global 1, global 2, local 1, ...]``.
+    """
+    aug = DataAugmentation(global_scale, local_scale, n_local_crops, global_size, local_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return record_views(aug, image, record_steps=record_steps)
+
+
+def crop_explorer(
+    image: Image.Image,
+    seed: int = 0,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    n_local_crops: int = 6,
+    global_size: int = 224,
+    local_size: int = 96,
+) -> Figure:
+    """The original with each view's crop box (solid: global, dashed: local), beside the views.
+
+    Arguments as :func:`draw_views`; the function behind notebook 01's sliders.
+
+    Returns:
+        a figure: the original and its boxes on the left, the views in a grid on the right.
+    """
+    from matplotlib.patches import Rectangle
+
+    views = draw_views(
+        image, seed, global_scale, local_scale, n_local_crops, global_size, local_size
+    )
+    labels = view_labels(views)
+    colors = class_colors(max(len(views), 1))
+    ncols = min(max(len(views), 2), 5)
+    nrows = math.ceil(len(views) / ncols)
+    fig = new_figure((4.5 + 1.6 * ncols, max(3.4, 1.8 * nrows)))
+    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.6 * ncols])
+    ax = left.subplots()
+    ax.imshow(to_hwc(image))
+    for view, label, color in zip(views, labels, colors, strict=True):
+        x0, y0, x1, y1 = view.box
+        is_global = view.kind == "global"
+        ax.add_patch(
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor=color,
+                linewidth=2.5 if is_global else 1.5,
+                linestyle="-" if is_global else "--",
+            )
+        )
+        ax.text(
+            x0 + 1,
+            y0 + 1,
+            label,
+            color="white",
+            fontsize=8,
+            va="top",
+            bbox={"facecolor": color, "pad": 1, "edgecolor": "none"},
+        )
+    ax.set_title(f"original {image.width}x{image.height}: {len(views)} crop boxes")
+    ax.axis("off")
+    axes = right.subplots(nrows, ncols, squeeze=False).flatten()
+    for a, view, label, color in zip(axes, views, labels, colors, strict=False):
+        a.imshow(to_hwc(view.image))
+        a.set_title(f"{label}: {view.image.width}px", fontsize=9, color=color)
+        a.axis("off")
+    for a in axes[len(views) :]:
+        a.axis("off")
+    return fig
+
+
+def single_augmentations(image: Image.Image, size: int = 224) -> list[tuple[str, Image.Image]]:
+    """Each of DINO's augmentations alone, at its strongest setting, on the same centre crop.
+
+    Returns:
+        ``[(name, image), ...]``: the centre crop, then flip, brightness, contrast,
+        saturation, hue, grayscale, blur (sigma 2, the largest drawn) and solarize, each
+        applied to the centre crop only.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    image = image.convert("RGB")
+    side = min(image.size)
+    box = ((image.width - side) // 2, (image.height - side) // 2)
+    base = image.resize(
+        (size, size), Image.BICUBIC, box=(box[0], box[1], box[0] + side, box[1] + side)
+    )
+    b, c, s, h = JITTER
+    return [
+        ("centre crop", base),
+        ("horizontal flip", base.transpose(Image.FLIP_LEFT_RIGHT)),
+        (f"brightness x{1 + b:g}", TF.adjust_brightness(base, 1 + b)),
+        (f"contrast x{1 + c:g}", TF.adjust_contrast(base, 1 + c)),
+        (f"saturation x{1 - s:g}", TF.adjust_saturation(base, 1 - s)),
+        (f"hue {h:+g}", TF.adjust_hue(base, h)),
+        ("grayscale", base.convert("L").convert("RGB")),
+        ("blur sigma 2", base.filter(ImageFilter.GaussianBlur(radius=2.0))),
+        (
+            f"solarize >= {SOLARIZE_THRESHOLD}",
+            ImageOps.solarize(base, threshold=SOLARIZE_THRESHOLD),
+        ),
+    ]
+
+
+def image_row(
+    images: Sequence[tuple[str, Any]], ncols: int | None = None, size: float = 1.6
+) -> Figure:
+    """Titled images in a grid (one row by default).
+
+    Args:
+        images: ``[(title, image), ...]``; images as :func:`~dino_nb.viz.to_hwc` accepts.
+        ncols: columns; default all in one row.
+        size: inches per panel.
+    """
+    if not images:
+        raise ValueError("no images to show")
+    ncols = ncols or len(images)
+    nrows = math.ceil(len(images) / ncols)
+    fig = new_figure((size * ncols, size * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, (title, img) in zip(axes, images, strict=False):
+        ax.imshow(to_hwc(img))
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def steps_figure(views: Sequence[View]) -> Figure:
+    """One row per view, one column per step it went through (``record_steps=True``).
+
+    Raises:
+        ValueError: when the views hold no recorded steps.
+    """
+    if not views or not any(v.steps for v in views):
+        raise ValueError("the views hold no steps; draw them with record_steps=True")
+    ncols = max(len(v.steps) for v in views)
+    fig = new_figure((1.5 * ncols + 0.4, 1.6 * len(views)))
+    axes = fig.subplots(len(views), ncols, squeeze=False)
+    for r, (view, label) in enumerate(zip(views, view_labels(views), strict=True)):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(view.steps):
+                name, img = view.steps[c]
+                ax.imshow(to_hwc(img))
+                ax.set_title(f"{label}: {name}" if c == 0 else name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def view_labels(views: Sequence[View]) -> list[str]:
+    """``"G1"``, ``"G2"`` for global views and ``"L1"``, ``"L2"``, ... for local ones, in order."""
+    counts = {"global": 0, "local": 0}
+    labels = []
+    for v in views:
+        counts[v.kind] = counts.get(v.kind, 0) + 1
+        labels.append(f"{'G' if v.kind == 'global' else 'L'}{counts[v.kind]}")
+    return labels
+
+
+def _view_flags(view: View) -> str:
+    flags = []
+    if view.flipped:
+        flags.append("flip")
+    if view.jitter is not None:
+        flags.append("jitter")
+    if view.grayscale:
+        flags.append("gray")
+    if view.blur_sigma is not None:
+        flags.append(f"blur {view.blur_sigma:.1f}")
+    if view.solarized:
+        flags.append("solarize")
+    return ", ".join(flags) or "no colour aug."
+
+
+def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
+    """The augmented views side by side, titled ``G1``/``L1``... with their size and augmentations.
+
+    Args:
+        views: from :func:`~dino_nb.notebook.views.record_views`.
+        ncols: columns of the grid; default all views in one row up to 6.
+
+    Returns:
+        a figure with one axis per view.
+    """
+    if not views:
+        raise ValueError("no views to show")
+    ncols = ncols or min(len(views), 6)
+    nrows = math.ceil(len(views) / ncols)
+    fig = new_figure((2.2 * ncols, 2.7 * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, view, label in zip(axes, views, view_labels(views), strict=False):
+        ax.imshow(to_hwc(view.image))
+        ax.set_title(f"{label} ({view.image.width}px)\n{_view_flags(view)}", fontsize=8)
+        ax.axis("off")
+    for ax in axes[len(views) :]:
+        fig.delaxes(ax)
+    fig.tight_layout()
+    return fig

@@ -14,7 +14,7 @@ from PIL import Image
 from dino_nb.augment import DataAugmentation
 from dino_nb.notebook import curves
 from dino_nb.notebook import figures as viz
-from dino_nb.notebook.views import record_views
+from dino_nb.notebook.views import crop_grid, record_views, view_labels
 
 
 def render(fig, n_axes):
@@ -101,9 +101,9 @@ def test_crop_grid():
     torch.manual_seed(0)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     views = record_views(DataAugmentation(n_local_crops=3, global_size=32, local_size=16), img)
-    assert viz.view_labels(views) == ["G1", "G2", "L1", "L2", "L3"]
-    render(viz.crop_grid(views), 5)
-    render(viz.crop_grid(views, ncols=2), 5)
+    assert view_labels(views) == ["G1", "G2", "L1", "L2", "L3"]
+    render(crop_grid(views), 5)
+    render(crop_grid(views, ncols=2), 5)
 
 
 def test_schedules_figure_draws_every_schedule_per_run():

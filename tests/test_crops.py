@@ -7,18 +7,17 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
+import dino_nb.fast.colour as colour
 import dino_nb.fast.crops as ga
 from dino_nb.augment import RATIO, DataAugmentation
-from dino_nb.fast.crops import (
-    DecodeResize,
-    GPUMultiCrop,
+from dino_nb.fast.colour import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     gaussian_blur,
-    random_resized_boxes,
 )
+from dino_nb.fast.crops import DecodeResize, GPUMultiCrop, random_resized_boxes
 from dino_nb.notebook.views import record_views
 
 
@@ -350,8 +349,10 @@ def test_cpu_colour_jitter_equals_each_sample_in_its_own_order():
     expected = x.clone()
     for i in range(6):  # one sample at a time, op after op in its order
         for op in order[i].tolist() if jittered[i] else []:
-            expected[i : i + 1] = ga._JITTER_FNS[op](expected[i : i + 1], factors[i : i + 1, op])
-    out = ga.color_jitter(x, jittered, factors, order)
+            expected[i : i + 1] = colour._JITTER_FNS[op](
+                expected[i : i + 1], factors[i : i + 1, op]
+            )
+    out = colour.color_jitter(x, jittered, factors, order)
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.equal(out[~jittered], x[~jittered])  # untouched, bit for bit
 
@@ -363,7 +364,7 @@ def test_the_accelerator_branches_give_the_cpu_branches_views(monkeypatch):
     images = as_batch(smooth_image(32), 6)
     aug = GPUMultiCrop(n_local_crops=2, global_size=16, local_size=8)
     on_cpu, cpu_params = aug.views(images, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(ga, "_sync_is_free", lambda device: False)
+    monkeypatch.setattr(colour, "_sync_is_free", lambda device: False)
     branch_free, params = aug.views(images, torch.Generator().manual_seed(0))
     sigmas = [torch.stack([p.blur_sigma for p in ps]) for ps in (params, cpu_params)]
     torch.testing.assert_close(*sigmas, equal_nan=True, atol=0, rtol=0)  # the same draws
