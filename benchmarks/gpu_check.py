@@ -95,7 +95,7 @@ GFLOP_PER_IMAGE = 107.0  # ViT-S/16 step, 2 x 224 + 8 x 96, out_dim 65536 (FlopC
 ASSUMED_MFU = 0.2  # of the dense bf16/fp16 peak
 UNKNOWN_PEAK = 100e12  # FLOP/s for a card missing from bench_step.PEAK_FLOPS
 SETUP_S = {"step": 8.0, "loop": 25.0, "eval": 5.0, "compile": 150.0}  # models, workers, saves
-PIL_RATE = 35.0  # images/s of one loader worker: 10 multi-crop views of a 427 x 320 JPEG
+PIL_RATE = 28.0  # images/s of one loader worker: 10 multi-crop views of a 427 x 320 JPEG (torchvision PIL transforms)
 DECODE_RATE = 150.0  # images/s of one worker for gpu_augment: decode, resize to the canvas
 QUICK_ESTIMATE_S = {"step": 5.0, "loop": 12.0, "eval": 4.0}  # --quick on a CPU
 

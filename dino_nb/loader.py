@@ -184,9 +184,9 @@ class TrainingData:
 
 
 #: Images per second that one loader worker turns into multi-crop views (2x224 + 8x96): with
-#: PIL, ~90-120 on the developers' 2-core Xeon and EPYC (``benchmarks/bench_loader.py``);
-#: from the pixel cache in batches, ~430.
-WORKER_IMAGES_PER_S = {"pil": 100, "cache": 430}
+#: torchvision's PIL transforms (``DataAugmentation``), ~75-80 on the developers' 2-core EPYC
+#: (``benchmarks/bench_augment.py``); from the pixel cache in batches, ~430.
+WORKER_IMAGES_PER_S = {"pil": 80, "cache": 430}
 
 
 #: What a GPU consumes, an estimate until measured (FLOPs per image for 2x224 + 8x96: the
@@ -232,7 +232,7 @@ def decide_gpu_augment(cfg: TrainConfig, device: torch.device, workers: int) -> 
     ``auto`` turns the device-side crops on when the loader workers cannot feed the GPU: each
     makes about :data:`WORKER_IMAGES_PER_S` images per second, and a GPU consumes about
     :data:`GPU_IMAGES_PER_S`. A Colab T4 (2 cores, 1 worker), a Kaggle T4 (4 cores, 3
-    workers) and the default 8 workers per GPU get it; ``--num-workers 10`` or more (PIL)
+    workers) and the default 8 workers per GPU get it; ``--num-workers 13`` or more (PIL)
     keeps the crops on the CPU. On the CPU the crops are made on the CPU either way, so
     ``auto`` is off there.
     """
