@@ -331,3 +331,11 @@ def test_training_plan_states_the_budget_or_the_epochs() -> None:
     fixed = training_plan(preset("cpu", out="runs/y", device="cpu"), 31)
     assert "12 epochs of 31 steps, no time budget" in fixed
     assert "12 epochs, no time budget" in training_plan(preset("cpu", out="z", device="cpu"))
+
+
+def test_runs_dir_is_the_checkouts_runs_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a checkout, runs land in <checkout>/runs whatever the module's depth in the package."""
+    monkeypatch.delenv("DINO_NB_RUNS", raising=False)
+    checkout = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(checkout / "notebooks")
+    assert explore.runs_dir("x") == Path("../runs/x")

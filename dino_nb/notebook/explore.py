@@ -156,7 +156,7 @@ def light_figures(dpi: int = 80, quality: int = 80) -> None:
 
 def _checkout_root() -> Path | None:
     """The repository root when the package runs from a checkout (it has ``pyproject.toml``)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # dino_nb/notebook/explore.py
     return root if (root / "pyproject.toml").is_file() else None
 
 
