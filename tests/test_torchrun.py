@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = """
 import json, os, sys
 from pathlib import Path
-from dino_nb.config import preset
+from dino_nb.tools.presets import preset
 from dino_nb.loop import train
 
 rank, folder = int(os.environ["RANK"]), Path(sys.argv[1])

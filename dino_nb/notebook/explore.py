@@ -413,7 +413,7 @@ def attention_explorer(
     Args:
         images: ``(n_images, 3, H, W)`` in [0, 1] (denormalised).
         maps: ``(n_images, n_heads, grid_h, grid_w)`` from
-            :func:`~dino_nb.attention.cls_attention_maps`.
+            :func:`~dino_nb.notebook.attention.cls_attention_maps`.
         index: which image.
         head: head index, or ``-1`` for the mean over heads.
         threshold: fraction of the attention mass the mask keeps, in (0, 1].

@@ -234,7 +234,7 @@ def neighbours_grid(
         gallery_images: indexable by the neighbour indices (e.g. all training images, or a
             lazy wrapper that loads them).
         gallery_labels: ``(n_gallery,)``.
-        similarities: ``(n_query, k)`` from :func:`~dino_nb.evaluate.nearest_neighbours`.
+        similarities: ``(n_query, k)`` from :func:`~dino_nb.evaluation.nearest_neighbours`.
         indices: ``(n_query, k)`` indices into the gallery.
         class_names: names of the classes.
 
@@ -340,12 +340,12 @@ def attention_grid(
 
     Top row: the image, then each head's map overlaid on it. Bottom row (when
     ``threshold`` is given): the mean map over heads, then each head's thresholded mask
-    (the patches holding ``threshold`` of the mass, :func:`~dino_nb.attention.threshold_mask`),
+    (the patches holding ``threshold`` of the mass, :func:`~dino_nb.notebook.attention.threshold_mask`),
     with the rest of the image dimmed.
 
     Args:
         image: the input image in [0, 1] (denormalise first), ``(3, H, W)`` or PIL.
-        maps: ``(n_heads, grid_h, grid_w)`` from :func:`~dino_nb.attention.cls_attention_maps`.
+        maps: ``(n_heads, grid_h, grid_w)`` from :func:`~dino_nb.notebook.attention.cls_attention_maps`.
         threshold: fraction of attention mass the masks keep; ``None`` drops the bottom row.
         mode: upsampling of the maps to the image size.
         title: figure title (e.g. the class).

@@ -275,7 +275,7 @@ def image_row(
     """Titled images in a grid (one row by default).
 
     Args:
-        images: ``[(title, image), ...]``; images as :func:`~dino_nb.viz.to_hwc` accepts.
+        images: ``[(title, image), ...]``; images as :func:`~dino_nb.notebook.figures.to_hwc` accepts.
         ncols: columns; default all in one row.
         size: inches per panel.
     """
