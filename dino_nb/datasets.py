@@ -358,10 +358,13 @@ class DatasetBundle:
         self.labelled = bool(self.classes)
 
 
-def _drop_unreadable(
+def drop_unreadable(
     root: Path, splits: Sequence[RobustImageFolder], strict: bool
 ) -> dict[str, str]:
-    """Scan every file once; skip the bad ones with one warning, or raise under ``strict``."""
+    """Scan every file once; skip the bad ones with one warning, or raise under ``strict``.
+
+    Used for training data here and for the folders ``python -m dino_nb.embed`` embeds.
+    """
     bad: dict[str, str] = {}
     for ds in splits:
         bad.update(find_unreadable([path for path, _ in ds.samples]))
@@ -431,7 +434,7 @@ def build_datasets(
     else:  # a folder of images: train on most, hold a few aside for the label-free score
         files = ImageFiles(root, plain, strict=strict)
         aside = held_out(files.relative_paths)
-        unreadable = _drop_unreadable(root, [files], strict) if scan else {}
+        unreadable = drop_unreadable(root, [files], strict) if scan else {}
         rel = files.relative_paths
         train_plain = ImageFiles(
             root, plain, strict=strict, files=[f for f in rel if f not in aside]
@@ -440,7 +443,7 @@ def build_datasets(
         return DatasetBundle(
             root, train_plain.with_transform(train_transform), train_plain, val_plain, unreadable
         )
-    unreadable = _drop_unreadable(root, [train_plain, val_plain], strict) if scan else {}
+    unreadable = drop_unreadable(root, [train_plain, val_plain], strict) if scan else {}
     train_aug = train_plain.with_transform(train_transform)
     return DatasetBundle(root, train_aug, train_plain, val_plain, unreadable)
 

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_file, load, save_atomic
-from ..datasets import DataWarning, ImageFiles, find_unreadable, plain_transform, rgb_loader
+from ..datasets import (
+    ImageFiles,
+    drop_unreadable,
+    plain_transform,
+    rgb_loader,
+)
 from ..distributed import pick_device
 from ..evaluation import extract_features, nearest_neighbours
 from ..loader import make_loader
@@ -215,7 +219,8 @@ def embed_folder(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     model = model if isinstance(model, Model) else load_model(model)
     root = Path(data).expanduser()
-    files = _readable_files(root, model.image_size)
+    files = ImageFiles(root, plain_transform(model.image_size))
+    drop_unreadable(root, [files], strict=False)  # one warning that lists them; none left: error
     keys = _file_keys(files)
     out_dir = Path(out).expanduser() if out is not None else None
     cache_path = out_dir / CACHE if out_dir is not None else None
@@ -249,23 +254,6 @@ def embed_folder(
             _write_cache(cache_path, model.identity, model.image_size, known)
         _write_outputs(out_dir, result, model)
     return result
-
-
-def _readable_files(root: Path, size: int) -> ImageFiles:
-    """The images below ``root``, the unreadable ones skipped with one warning that lists them."""
-    files = ImageFiles(root, plain_transform(size))
-    bad = find_unreadable([p for p, _ in files.samples])
-    if bad:
-        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
-        warnings.warn(
-            f"skipping {len(bad)} unreadable image(s) under {root}:\n{listing}",
-            DataWarning,
-            stacklevel=3,
-        )
-        files.remove(bad)
-        if not files.samples:
-            raise FileNotFoundError(f"{root}: no readable images")
-    return files
 
 
 def _write_outputs(out_dir: Path, result: Embeddings, model: Model) -> None:
