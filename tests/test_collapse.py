@@ -8,9 +8,12 @@ matplotlib.use("Agg")
 
 from dino_nb.notebook.collapse import (  # noqa: E402
     SETTINGS,
+    CollapseRun,
     CollapseSetting,
     collapse_figure,
     collapse_study,
+    prototype_study,
+    prototype_use,
     run_setting,
 )
 
@@ -120,3 +123,37 @@ def test_collapse_figure():
     assert len(fig.axes) == 3
     with pytest.raises(ValueError):
         collapse_figure([])
+
+
+# --------------------------------------------------------------------------- K, the number of prototypes
+
+
+def test_run_setting_keeps_the_trained_teachers_targets():
+    run = run_setting(SETTINGS[0], steps=3, out_dim=16, batch_size=8)
+    assert run.targets.shape == (2048, 16) and run.clusters.shape == (2048,)
+    assert torch.allclose(run.targets.sum(-1), torch.ones(2048, dtype=run.targets.dtype))
+    assert set(run.clusters.tolist()) == set(range(8))
+
+
+def test_prototype_use_counts_and_purity():
+    # 6 samples of clusters [0, 0, 1, 1, 2, 2]; prototype 0 takes both 0s and a 1, prototype 2
+    # the other 1, prototype 3 both 2s: majorities 2 + 1 + 2 = 5 of 6 samples
+    top = torch.tensor([0, 0, 0, 2, 3, 3])
+    targets = torch.nn.functional.one_hot(top, 4).double()  # (6, 4), entropy 0
+    run = CollapseRun(SETTINGS[0], targets=targets, clusters=torch.tensor([0, 0, 1, 1, 2, 2]))
+    use = prototype_use(run)
+    assert (use.out_dim, use.used) == (4, 3)
+    assert use.purity == pytest.approx(5 / 6)
+    assert use.entropy == pytest.approx(0.0)
+    shares = (3 / 6, 1 / 6, 2 / 6)  # of prototypes 0, 2 and 3 in the batch-mean target
+    assert use.batch_entropy == pytest.approx(-sum(q * math.log(q) for q in shares))
+    with pytest.raises(ValueError, match="targets"):
+        prototype_use(CollapseRun(SETTINGS[0]))
+
+
+@pytest.mark.slow
+def test_few_prototypes_merge_clusters_many_do_not():
+    torch.set_num_threads(1)
+    few, many = prototype_study(out_dims=(2, 64), steps=400)
+    assert few.used <= 2 and few.purity < 0.5  # 8 clusters on 2 prototypes
+    assert many.used >= 8 and many.purity > 0.95

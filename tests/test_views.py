@@ -9,7 +9,12 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from dino_nb.augment import DataAugmentation
-from dino_nb.notebook.views import record_views
+from dino_nb.notebook.views import (
+    blur_comparison,
+    global_pair_counts,
+    global_pairs,
+    record_views,
+)
 
 
 def random_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
@@ -121,3 +126,61 @@ def test_grayscale_views_have_equal_channels(many_views):
     for v in gray:
         arr = np.asarray(v.image)
         assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+
+
+# --------------------------------------------------------------------------- the two global views
+
+
+def test_global_pair_counts_follow_the_pipelines_probabilities():
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    counts = global_pair_counts(n_draws=1000, seed=3)
+    assert torch.equal(torch.rand(1), before)  # torch's global random state is kept
+    assert counts["G1 blurred"] == 1000  # global 1: always blurred
+    assert_binomial(counts["G2 blurred"], 1000, 0.1)
+    assert_binomial(counts["G2 solarized"], 1000, 0.2)
+    assert counts["blur differs"] == 1000 - counts["G2 blurred"]
+    assert_binomial(counts["G2 clean"], 1000, 0.9 * 0.8)
+    assert global_pair_counts(n_draws=50, seed=1) == global_pair_counts(n_draws=50, seed=1)
+    with pytest.raises(ValueError):
+        global_pair_counts(n_draws=0)
+
+
+def test_global_pairs_figure():
+    fig = global_pairs(random_image(40, 30), seeds=[0, 1, 2], size=16)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 6
+    assert all("G1" in t and "blur" in t for t in titles[:3])  # top row: global 1, always blurred
+    assert all("G2" in t and "solarize" not in titles[i] for i, t in enumerate(titles[3:]))
+    with pytest.raises(ValueError):
+        global_pairs(random_image(), seeds=[])
+
+
+def test_blur_comparison_scales_sigma_with_the_crop():
+    panels = blur_comparison(random_image(60, 50), pairs=((64, 16),), sigma=2.0)
+    assert [img.size for _, img in panels] == [(64, 64), (16, 16), (16, 16)]
+    assert "sigma 2" in panels[1][0] and "sigma 0.5" in panels[2][0]
+    assert "3.1% of the side" in panels[0][0] and "12.5% of the side" in panels[1][0]
+    # the paper's sigma on the small crop wipes out more of the random texture
+    same_pixels, same_fraction = (np.asarray(img, dtype=float).std() for _, img in panels[1:])
+    assert same_pixels < 0.7 * same_fraction
+
+
+def test_draw_views_uses_the_given_blur_range():
+    from dino_nb.notebook.views import draw_views
+
+    sigmas = [
+        v.blur_sigma
+        for seed in range(5)
+        for v in draw_views(
+            random_image(),
+            seed,
+            n_local_crops=4,
+            global_size=16,
+            local_size=8,
+            blur_sigma=(0.5, 0.6),
+        )
+        if v.blur_sigma is not None
+    ]
+    assert sigmas and all(0.5 <= s <= 0.6 for s in sigmas)

@@ -82,6 +82,9 @@ class CollapseRun:
         kl: mean KL divergence ``KL(P_t || P_s)`` between teacher and student per step, in nats.
         loss: the DINO loss per step (cross-entropy = entropy + KL).
         max_entropy: :math:`\log K`, the entropy of the uniform distribution.
+        targets: the trained teacher's targets for each of the 2,048 toy samples (no
+            augmentation), ``(2048, K)``.
+        clusters: the Gaussian cluster each sample was drawn from, ``(2048,)``.
     """
 
     setting: CollapseSetting
@@ -90,17 +93,23 @@ class CollapseRun:
     kl: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     max_entropy: float = 0.0
+    targets: torch.Tensor | None = field(default=None, repr=False)
+    clusters: torch.Tensor | None = field(default=None, repr=False)
+
+
+#: Gaussian clusters in the toy data: the groups that the prototypes may split or merge.
+N_CLUSTERS = 8
 
 
 def _toy_data(
     n_samples: int, dim: int, n_clusters: int, generator: torch.Generator, dtype: torch.dtype
-) -> torch.Tensor:
-    """Gaussian clusters in ``dim`` dimensions: ``(n_samples, dim)``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters in ``dim`` dimensions: samples ``(n_samples, dim)``, clusters ``(n_samples,)``."""
     centers = (
         torch.randn(n_clusters, dim, generator=generator, dtype=dtype) * 2.0
     )  # (n_clusters, dim)
     which = torch.randint(0, n_clusters, (n_samples,), generator=generator)
-    return centers[which] + torch.randn(n_samples, dim, generator=generator, dtype=dtype)
+    return centers[which] + torch.randn(n_samples, dim, generator=generator, dtype=dtype), which
 
 
 def _two_views(
@@ -170,14 +179,14 @@ def run_setting(
             AVX-512 and plain ones), in float64 they agree to the printed precision.
 
     Returns:
-        the per-step curves.
+        the per-step curves, and the trained teacher's targets for the whole toy data set.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
-    data = _toy_data(2048, 32, 8, generator, dtype)  # (2048, 32)
+    data, clusters = _toy_data(2048, 32, N_CLUSTERS, generator, dtype)  # (2048, 32), (2048,)
     student = _toy_student(out_dim, seed, dtype)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
@@ -203,6 +212,9 @@ def run_setting(
         optimizer.step()
         ema_update(teacher, student, teacher_momentum if setting.momentum else 0.0)
         run.loss.append(float(loss.detach()))
+    with torch.no_grad():  # the trained teacher's targets for every sample, without views
+        run.targets = loss_fn.teacher_probs(teacher([data]))[0]  # (2048, K)
+    run.clusters = clusters
     return run
 
 
@@ -265,3 +277,61 @@ def collapse_figure(runs: Sequence[CollapseRun]) -> Figure:
     ax_kl.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- K, the number of prototypes
+
+
+@dataclass(frozen=True)
+class PrototypeUse:
+    """How a trained teacher spreads the toy data over its K prototypes.
+
+    Attributes:
+        out_dim: K.
+        used: prototypes that are the top choice (argmax of the target) of at least one sample.
+        purity: fraction of the samples whose top prototype's most common cluster is their own:
+            1 when no prototype mixes clusters; at most ``K / 8`` when K is below the 8 clusters.
+        entropy: mean entropy of one sample's target, in nats.
+        batch_entropy: entropy of the targets averaged over all samples, in nats.
+    """
+
+    out_dim: int
+    used: int
+    purity: float
+    entropy: float
+    batch_entropy: float
+
+
+def prototype_use(run: CollapseRun) -> PrototypeUse:
+    """Measure how ``run``'s trained teacher partitions the toy data (see :class:`PrototypeUse`)."""
+    if run.targets is None or run.clusters is None:
+        raise ValueError("the run holds no targets")
+    top = run.targets.argmax(dim=-1)  # (n_samples,)
+    majority = 0
+    for k in top.unique():
+        majority += int(torch.bincount(run.clusters[top == k]).max())
+    return PrototypeUse(
+        out_dim=run.targets.shape[-1],
+        used=int(top.unique().numel()),
+        purity=majority / len(top),
+        entropy=float(mean_entropy([run.targets])),
+        batch_entropy=float(batch_mean_entropy([run.targets])),
+    )
+
+
+def prototype_study(
+    out_dims: Sequence[int] = (2, 4, 8, 64, 1024), steps: int = 400, seed: int = 0, **kwargs: float
+) -> list[PrototypeUse]:
+    """Train the full recipe (centering, sharpening, EMA teacher) once per K and measure each teacher.
+
+    The toy data has 8 clusters. With K below 8 the teacher must give several clusters the
+    same prototype; with K well above, each cluster gets prototypes of its own.
+
+    Args:
+        out_dims: the values of K.
+        steps: optimizer steps per run.
+        seed: shared seed: the runs differ only in K.
+        **kwargs: passed on to :func:`run_setting`.
+    """
+    runs = (run_setting(SETTINGS[0], steps, k, seed=seed, **kwargs) for k in out_dims)
+    return [prototype_use(run) for run in runs]

@@ -6,6 +6,9 @@ replays the pipeline one step at a time with torchvision's functional API, drawi
 random number where the transforms draw it (``RandomResizedCrop.get_params``,
 ``ColorJitter.get_params``, one ``torch.rand`` per random choice), so under the same torch
 seed it gives the same views, pixel for pixel (``tests/test_views.py`` holds it to that).
+The figures and counts at the end show why the two global views are corrupted differently
+(:func:`global_pairs`, :func:`global_pair_counts`) and what a blur sigma does to small crops
+(:func:`blur_comparison`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from ..augment import (
+    BLUR_SIGMA,
     JITTER,
     P_BLUR,
     P_FLIP,
@@ -150,6 +154,7 @@ def draw_views(
     global_size: int = 224,
     local_size: int = 96,
     record_steps: bool = False,
+    blur_sigma: tuple[float, float] = BLUR_SIGMA,
 ) -> list[View]:
     """DINO's views of ``image`` from a seed, with records; torch's global random state is kept.
 
@@ -162,11 +167,13 @@ def draw_views(
         global_size: side of the global crops in pixels.
         local_size: side of the local crops in pixels.
         record_steps: keep each augmentation's intermediate image (``View.steps``).
+        blur_sigma: range of the blur's sigma in pixels (``TrainConfig.blur_sigma``).
 
     Returns:
         ``[global 1, global 2, local 1, ...]``.
     """
-    aug = DataAugmentation(global_scale, local_scale, n_local_crops, global_size, local_size)
+    sizes = (n_local_crops, global_size, local_size)
+    aug = DataAugmentation(global_scale, local_scale, *sizes, blur_sigma=blur_sigma)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return record_views(aug, image, record_steps=record_steps)
@@ -366,3 +373,92 @@ def crop_grid(views: Sequence[View], ncols: int | None = None) -> Figure:
         fig.delaxes(ax)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- the two global views
+
+
+def global_pairs(image: Image.Image, seeds: Sequence[int] = range(6), size: int = 224) -> Figure:
+    """The two global views of ``image`` for several seeds: global 1 on top, global 2 below.
+
+    Each title lists the view's augmentations, so the figure shows the asymmetry of the
+    official pipeline: global 1 is always blurred and never solarized, global 2 seldom
+    blurred and sometimes solarized.
+
+    Args:
+        image: the original.
+        seeds: one column per seed (:func:`draw_views`'s draw, no local crops).
+        size: side of the global views in pixels.
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds to draw")
+    fig = new_figure((1.45 * len(seeds), 3.6))
+    axes = fig.subplots(2, len(seeds), squeeze=False)
+    for col, seed in enumerate(seeds):
+        views = draw_views(image, seed, n_local_crops=0, global_size=size)
+        for row, view in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(to_hwc(view.image))
+            ax.set_title(f"seed {seed}, G{row + 1}\n{_view_flags(view)}", fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def global_pair_counts(n_draws: int = 1000, seed: int = 0) -> dict[str, int]:
+    """How often the official pipeline blurs and solarizes each global view, over ``n_draws`` draws.
+
+    Draws the two global views of a small random image (the draws do not depend on the
+    image's content) and counts, out of ``n_draws`` pairs: global 1 blurred, global 2
+    blurred, global 2 solarized, pairs whose two views differ in blur, and pairs whose
+    global 2 is neither blurred nor solarized. Torch's global random state is kept.
+    """
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    aug = DataAugmentation(n_local_crops=0, global_size=8, normalize=False)
+    pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(seed))
+    image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    counts = dict.fromkeys(
+        ("G1 blurred", "G2 blurred", "G2 solarized", "blur differs", "G2 clean"), 0
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(n_draws):
+            g1, g2 = record_views(aug, image)
+            blurred1, blurred2 = g1.blur_sigma is not None, g2.blur_sigma is not None
+            counts["G1 blurred"] += blurred1
+            counts["G2 blurred"] += blurred2
+            counts["G2 solarized"] += g2.solarized
+            counts["blur differs"] += blurred1 != blurred2
+            counts["G2 clean"] += not (blurred2 or g2.solarized)
+    return counts
+
+
+def blur_comparison(
+    image: Image.Image,
+    pairs: Sequence[tuple[int, int]] = ((224, 48), (96, 24)),
+    sigma: float = 2.0,
+) -> list[tuple[str, Image.Image]]:
+    """The same blur sigma on a large and a small crop, and the sigma scaled with the crop.
+
+    For each ``(paper_size, small_size)``: the centre crop of ``image`` at ``paper_size``
+    blurred with ``sigma``, at ``small_size`` blurred with ``sigma`` (the same number of
+    pixels, a larger part of the view), and at ``small_size`` blurred with
+    ``sigma * small_size / paper_size`` (the same part of the view as the paper's).
+
+    Returns:
+        ``[(title, image), ...]``, three per pair, for :func:`image_row`.
+    """
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    box = (left, top, left + side, top + side)
+    out = []
+    for paper_size, small_size in pairs:
+        scaled = sigma * small_size / paper_size
+        for size, s in ((paper_size, sigma), (small_size, sigma), (small_size, scaled)):
+            crop = image.resize((size, size), Image.BICUBIC, box=box)
+            title = f"{size}px, sigma {s:.2g}\n= {s / size:.1%} of the side"
+            out.append((title, crop.filter(ImageFilter.GaussianBlur(radius=s))))
+    return out
