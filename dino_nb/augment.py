@@ -1,8 +1,8 @@
 """Multi-crop augmentation: two global views and N local views of one image.
 
-DINO (Caron et al. 2021, Sec. 3.1 and App. D) trains the student on many views of an
-image and the teacher on the two global ones, so the student must map a small local
-crop to the same representation as a crop that covers most of the image
+DINO (Caron et al. 2021, Sec. 3.1 and 4.1: BYOL's augmentations with multi-crop) trains the
+student on many views of an image and the teacher on the two global ones, so the student must
+map a small local crop to the same representation as a crop that covers most of the image
 ("local-to-global correspondence").
 
 :class:`DataAugmentation` is the official ``DataAugmentationDINO`` written with
@@ -35,7 +35,8 @@ P_GRAYSCALE = 0.2
 P_FLIP = 0.5
 #: Gaussian blur sigma range in pixels (the official code's ``radius`` of PIL's blur).
 BLUR_SIGMA = (0.1, 2.0)
-#: Blur probability per view: global 1, global 2, local (paper App. D).
+#: Blur probability per view: global 1, global 2, local (the official code's
+#: DataAugmentationDINO, after BYOL).
 P_BLUR = (1.0, 0.1, 0.5)
 #: Solarization probability on global 2 only; threshold of the official code.
 P_SOLARIZE = 0.2
@@ -214,7 +215,7 @@ class GaussianBlur:
 class DataAugmentation(MultiCropSettings):
     """Create 2 global crops and ``n_local_crops`` local crops of an image.
 
-    Per view (DINO, App. D): a random resized crop (bicubic), horizontal flip (p=0.5),
+    Per view (DINO Sec. 4.1 and the official code): a random resized crop (bicubic), horizontal flip (p=0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then Gaussian blur
     with p=1.0 for global 1, p=0.1 for global 2 and p=0.5 for local crops, and
     solarization with p=0.2 for global 2 only.

@@ -63,7 +63,9 @@ class TrainConfig:
         96, "side of the local crops (paper: 96; the tutorial used 224 for all)", "data"
     )
     n_local_crops: int = _field(
-        8, "local crops per image (paper: 8; the tutorial's -c counts all crops)", "data"
+        8,
+        "local crops per image (the official code's default; the tutorial's -c counts all crops)",
+        "data",
     )
     global_crops_scale: tuple[float, float] = _field(
         (0.4, 1.0), "range of the image area a global crop covers (paper)", "data"
@@ -173,10 +175,10 @@ class TrainConfig:
         0.04, "teacher temperature at the start (paper)", "optimisation"
     )
     teacher_temp: float = _field(
-        0.07, "teacher temperature after the warmup (paper's longer recipe)", "optimisation"
+        0.07, "teacher temperature after the warmup (the paper: 0.04 -> 0.07)", "optimisation"
     )
     warmup_teacher_temp_epochs: int = _field(
-        30, "epochs of linear teacher-temperature warmup (paper's longer recipe)", "optimisation"
+        30, "epochs of linear teacher-temperature warmup (the paper: the first 30)", "optimisation"
     )
     student_temp: float = _field(0.1, "student temperature (paper and tutorial)", "optimisation")
     center_momentum: float = _field(

@@ -80,6 +80,28 @@ def _colors(rng: np.random.Generator) -> tuple[Color, Color]:
     return fg_j, bg_j  # type: ignore[return-value]
 
 
+def palette_of(image: np.ndarray | Image.Image) -> int:
+    """Which of :data:`PALETTES` a built-in image was drawn in (its index; 0 for 0 and 1).
+
+    Every pixel is foreground or background (plus noise, jitter and blur), so the palette
+    whose two colours lie nearest to the pixels, on average, is the one it was drawn in.
+    Palettes 0 and 1 share their two colours (dark on light, light on dark) and count as
+    one colour scheme, 0: a texture in either looks the same.
+
+    Args:
+        image: a PIL image, or an ``(H, W, 3)`` array (uint8, or float in [0, 1]).
+    """
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    pixels = pixels.astype(np.float32).reshape(-1, 3)  # (n_pixels, 3)
+    if pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    pairs = np.asarray(PALETTES, dtype=np.float32)  # (n_palettes, 2, 3)
+    gaps = np.linalg.norm(
+        pixels[None, None] - pairs[:, :, None], axis=-1
+    )  # (n_palettes, 2, n_pixels)
+    return int(gaps.min(axis=1).mean(axis=1).argmin())
+
+
 def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
     n = len(radii)
     return [

@@ -1,4 +1,4 @@
-"""Tests for the multi-crop augmentation (DINO, App. D) and the normalisation helpers.
+"""Tests for the multi-crop augmentation (DINO Sec. 4.1 and the official code) and the normalisation helpers.
 
 How each view is drawn (boxes, per-step probabilities) is tested on its record in
 ``test_views.py``, which also holds the record to be this pipeline's output pixel for pixel.

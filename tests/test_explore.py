@@ -314,8 +314,12 @@ def test_finished_run_compares_settings_not_places(tmp_path):
     cfg = preset("cpu", minutes=None, out=str(tmp_path / "a"))
     path = tmp_path / "checkpoint.pth"
     assert not finished_run(path, cfg)
-    save_atomic({"config": cfg.to_dict(), "step": 372, "total_steps": 372}, path)
+    assert cfg.gpu_augment == "auto"  # train() saves it decided, as True or False
+    save_atomic(
+        {"config": {**cfg.to_dict(), "gpu_augment": False}, "step": 372, "total_steps": 372}, path
+    )
     assert finished_run(path, cfg)
+    assert not finished_run(path, replace(cfg, gpu_augment=True))  # told to, not decided
     assert finished_run(path, replace(cfg, out="elsewhere", progress=False))
     assert not finished_run(path, replace(cfg, seed=1))
     save_atomic({"config": cfg.to_dict(), "step": 186, "total_steps": 372}, path)

@@ -277,7 +277,8 @@ def finished_run(checkpoint: str | os.PathLike, cfg: TrainConfig) -> bool:
     state = load(path)
     theirs = TrainConfig.from_dict(state["config"]).to_dict()
     mine = cfg.to_dict()
-    if any(theirs[k] != mine[k] for k in mine if k not in WHERE_FIELDS):
+    # a field left to "auto" (gpu_augment) is saved as the run decided it: any decision matches
+    if any(theirs[k] != mine[k] for k in mine if k not in WHERE_FIELDS and mine[k] != "auto"):
         return False
     return "total_steps" in state and int(state["step"]) >= int(state["total_steps"])
 

@@ -134,6 +134,68 @@ def _class_name(label: int, class_names: Sequence[str] | None) -> str:
     )
 
 
+def draw_embedding(
+    ax,
+    xy: np.ndarray,
+    y: np.ndarray,
+    colors: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    images: Sequence[ImageLike] | Mapping[int, ImageLike] | None = None,
+    n_thumbnails: int = 60,
+    thumbnail_px: float = 24.0,
+) -> None:
+    """Draw 2-D points coloured by class on ``ax``, with thumbnails framed in their class colour.
+
+    Args:
+        ax: a matplotlib axis.
+        xy: ``(n_samples, 2)`` coordinates.
+        y: ``(n_samples,)`` classes.
+        colors: ``(n_classes, 4)`` from :func:`class_colors`.
+        class_names: names for the legend.
+        images: one per sample (``n_thumbnails`` evenly spaced ones are drawn) or
+            ``{sample index: image}``.
+        n_thumbnails: at most this many thumbnails from a sequence.
+        thumbnail_px: thumbnail height in points.
+    """
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    for c in np.unique(y):
+        sel = y == c
+        ax.scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            s=12,
+            color=colors[c],
+            label=_class_name(int(c), class_names),
+            alpha=0.8,
+        )
+    chosen: list = []
+    if isinstance(images, Mapping):
+        chosen = [(int(i), img) for i, img in images.items()]
+    elif images is not None:
+        if len(images) != len(xy):
+            raise ValueError(
+                f"{len(images)} images for {len(xy)} embeddings; pass one per sample or a dict"
+            )
+        idx = np.unique(
+            np.linspace(0, len(images) - 1, min(n_thumbnails, len(images))).round().astype(int)
+        )
+        chosen = [(int(i), images[int(i)]) for i in idx]
+    for i, img in chosen:
+        arr = to_hwc(img)
+        box = OffsetImage(arr, zoom=thumbnail_px / arr.shape[0])
+        ab = AnnotationBbox(
+            box,
+            tuple(xy[i]),
+            frameon=True,
+            pad=0.1,
+            bboxprops={"edgecolor": colors[y[i]], "linewidth": 1.5},
+        )
+        ax.add_artist(ab)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def embedding_map(
     embeddings: torch.Tensor | np.ndarray,
     labels: torch.Tensor | Sequence[int],
@@ -163,52 +225,17 @@ def embedding_map(
     Returns:
         a figure with one axis.
     """
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
     y = np.asarray(torch.as_tensor(labels).cpu()).astype(int)
     xy = project_2d(embeddings, method, seed, perplexity)  # (n_samples, 2)
     if len(y) != len(xy):
         raise ValueError(f"{len(xy)} embeddings but {len(y)} labels")
     n_classes = int(max(y.max() + 1, len(class_names) if class_names is not None else 0))
-    colors = class_colors(n_classes)
     fig = new_figure((8, 7))
     ax = fig.subplots()
-    for c in np.unique(y):
-        sel = y == c
-        ax.scatter(
-            xy[sel, 0],
-            xy[sel, 1],
-            s=12,
-            color=colors[c],
-            label=_class_name(int(c), class_names),
-            alpha=0.8,
-        )
-    if images is not None:
-        if isinstance(images, Mapping):
-            chosen = [(int(i), img) for i, img in images.items()]
-        else:
-            if len(images) != len(xy):
-                raise ValueError(
-                    f"{len(images)} images for {len(xy)} embeddings; pass one per sample or a dict"
-                )
-            idx = np.unique(
-                np.linspace(0, len(images) - 1, min(n_thumbnails, len(images))).round().astype(int)
-            )
-            chosen = [(int(i), images[int(i)]) for i in idx]
-        for i, img in chosen:
-            arr = to_hwc(img)
-            box = OffsetImage(arr, zoom=thumbnail_px / arr.shape[0])
-            ab = AnnotationBbox(
-                box,
-                tuple(xy[i]),
-                frameon=True,
-                pad=0.1,
-                bboxprops={"edgecolor": colors[y[i]], "linewidth": 1.5},
-            )
-            ax.add_artist(ab)
+    draw_embedding(
+        ax, xy, y, class_colors(n_classes), class_names, images, n_thumbnails, thumbnail_px
+    )
     ax.set_title(f"embeddings ({method.upper() if method == 'pca' else 't-SNE'}), {len(y)} samples")
-    ax.set_xticks([])
-    ax.set_yticks([])
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=1.5)
     fig.tight_layout()
     return fig

@@ -213,7 +213,9 @@ PRESET_RECORDS: dict[str, Preset] = {
         (
             {"model_kwargs": {**_PHOTOS.values["model_kwargs"], "global_pool": "token"}},
             "cpu-photos' 3-block ViT with the [CLS] token as the embedding (timm's default): "
-            "notebook 05's attention maps are the [CLS] token's; about 2 points of kNN less",
+            "notebook 05's attention maps are the [CLS] token's. 10 epochs with --minutes none "
+            "(2,660 steps, 53 minutes on 2 busy cores): weighted kNN 29.9% -> 40.7% on the "
+            "developers' 128-pixel ImageNette, linear probe 37.4% -> 48.8%",
         ),
     ),
     "imagenette": _DEFAULTS,
