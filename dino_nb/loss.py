@@ -99,8 +99,7 @@ class DINOLoss(nn.Module):
             teacher_output: logits of the teacher on the global crops, each
                 ``(n_samples, out_dim)``.
             targets: :meth:`teacher_probs` of ``teacher_output``, when the caller already
-                computed them (the training step does, for its collapse signals); they must
-                be taken before this call moves the center.
+                computed them; they must be taken before this call moves the center.
 
         Returns:
             scalar loss (float32 for half-precision or float32 logits, float64 for float64).
@@ -109,31 +108,50 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"need >= 2 student crops and >= 1 teacher crop, got {len(student_output)} and {len(teacher_output)}"
             )
-        student_logp = [
-            F.log_softmax(_at_least_fp32(s) / self.student_temp, dim=-1) for s in student_output
-        ]
         teacher_p = self.teacher_probs(teacher_output) if targets is None else targets
         if len(teacher_p) != len(teacher_output):
             raise ValueError(
                 f"{len(teacher_p)} targets for {len(teacher_output)} teacher views; "
                 "pass teacher_probs(teacher_output)"
             )
+        loss = self.cross_entropy(student_output, teacher_p)
+        self.update_center(teacher_output)
+        return loss
 
+    def cross_entropy(
+        self, student_output: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Mean of :math:`H(P_t, P_s)` over every teacher view ``t`` and student view ``s != t``.
+
+        Args:
+            student_output: ``n_crops`` logits of the student, each ``(n_samples, out_dim)``,
+                the global crops first, in the teacher's order.
+            targets: the teacher's :meth:`teacher_probs`, each ``(n_samples, out_dim)``.
+
+        Returns:
+            scalar loss; the center does not move (:meth:`update_center` moves it).
+        """
+        student_logp = [
+            F.log_softmax(_at_least_fp32(s) / self.student_temp, dim=-1) for s in student_output
+        ]
         total = student_logp[0].new_zeros(())
         n_terms = 0
-        for t_ix, t in enumerate(teacher_p):
+        for t_ix, t in enumerate(targets):
             for s_ix, s in enumerate(student_logp):
                 if t_ix == s_ix:
                     continue  # same view: nothing to predict
                 total = total + torch.sum(-t * s, dim=-1).mean()
                 n_terms += 1
-        if self.centering == "center":
-            self.update_center(teacher_output)
         return total / n_terms
 
     @torch.no_grad()
     def update_center(self, teacher_output: Sequence[torch.Tensor]) -> None:
-        """EMA update of the center from the teacher's mean logits over all views and ranks."""
+        """EMA update of the center from the teacher's mean logits over all views and ranks.
+
+        Under Sinkhorn-Knopp centering the center is not used and stays where it is.
+        """
+        if self.centering != "center":
+            return
         logits = torch.cat(
             [_at_least_fp32(t) for t in teacher_output]
         )  # (n_views * n_samples, out_dim)

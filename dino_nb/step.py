@@ -1,12 +1,13 @@
 """One DINO step, and the run state it acts on.
 
-:func:`train_step` is the paper's Algorithm 1 for one batch: the teacher sees the two global
-crops, the student sees all crops, the loss compares every teacher view with every other
-student view, then backward, per-tensor clipping, the last-layer freeze, the optimizer
-step and the EMA update of the teacher. :func:`build_run` makes everything it needs from a
-:class:`~dino_nb.config.TrainConfig` and :func:`build_training_data` the batches;
-:func:`dino_nb.loop.train` loops over them, and
-``benchmarks/bench_step.py`` and notebook 04 call the same function.
+:func:`train_step` is the paper's Algorithm 1 for one batch, read top to bottom: the teacher
+sees the two global crops, the student all crops, the loss compares every teacher view with
+every other student view; then backward, per-tensor clipping, the last-layer freeze, the
+optimizer step, the EMA update of the teacher and the center's update. What a run adds to
+the paper (:class:`Extras`: DINOv2's KoLeo term, fp16 loss scaling) are pieces the step is
+given; without them the step is the paper's. :func:`build_run` makes everything it needs
+from a :class:`~dino_nb.config.TrainConfig`; :func:`dino_nb.loop.train` calls it once per
+batch, and ``benchmarks/bench_step.py`` and notebook 04 call the same function.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Run:
         teacher: the EMA teacher; never in the optimizer.
         loss: the DINO loss, with its center buffer.
         optimizer: AdamW over the student (two groups: decayed and not).
-        scaler: fp16 loss scaler (a no-op otherwise).
+        extras: what the run adds to the paper's step (KoLeo, the fp16 loss scaler).
         amp_dtype: autocast dtype, ``None`` for fp32.
         steps_per_epoch: optimizer steps in one pass over the training set.
         schedules: values per iteration; replaced when a time budget fixes the length.
@@ -67,10 +68,19 @@ class Run:
     teacher: MultiCropWrapper
     loss: DINOLoss
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    extras: Extras
     amp_dtype: torch.dtype | None
     steps_per_epoch: int
     schedules: Schedules
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The fp16 loss scaler of :attr:`extras` (disabled in every other precision)."""
+        return self.extras.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler) -> None:
+        self.extras.scaler = scaler
 
     @property
     def device(self) -> torch.device:
@@ -115,51 +125,94 @@ class Run:
 def train_step(
     run: Run, crops: Sequence[torch.Tensor], values: StepValues, signals: bool = False
 ) -> StepOutput:
-    """One DINO iteration on one batch of crops; nothing here waits for the device.
+    """One DINO iteration on one batch, the paper's Algorithm 1; nothing here waits for the device.
 
-    The returned loss is the DINO loss alone (what the collapse warnings compare with
-    ``log K``); with ``cfg.koleo_weight`` the step descends that loss plus the weighted KoLeo
-    term of the student's two global views.
+    Without extras (``Extras()``: fp32, no KoLeo) this is the paper's step, line by line;
+    :class:`Extras` says what its pieces add.
 
     Args:
-        run: the run state (models, loss, optimizer, scaler).
+        run: the run state (models, loss, optimizer, extras).
         crops: ``[global 1, global 2, local 1, ...]``, each ``(B, 3, s, s)`` normalised, on the device.
         values: this iteration's lr, weight decay, teacher momentum and temperature, freeze flag.
         signals: also return the collapse signals (entropies and KL) of this batch.
+
+    Returns:
+        the DINO loss alone (also when the step descends it plus KoLeo), and the signals.
     """
+    # -- this iteration's values: lr, weight decay (none on biases and norms), temperature
     for i, group in enumerate(run.optimizer.param_groups):  # group 0 is decayed, group 1 is not
         group["lr"] = values.lr
         group["weight_decay"] = values.weight_decay if i == 0 else 0.0
     run.loss.teacher_temp = values.teacher_temp
-    koleo_weight = run.cfg.koleo_weight
+
+    # -- the teacher sees the 2 global views, the student every view
     with run.autocast():
-        teacher_out = run.teacher(crops[:2])  # 2 x (B, K): the teacher sees only the global crops
-        if koleo_weight:
-            student_out, embeddings = run.student(crops, return_embeddings=True)
-        else:
-            student_out = run.student(crops)  # n_crops x (B, K)
-        targets = run.loss.teacher_probs(teacher_out)  # 2 x (B, K), before the center moves
-        loss = run.loss(student_out, teacher_out, targets)  # also moves the center
-        objective = loss
-        if koleo_weight:  # spread each global view's embeddings (B, D) over the batch
-            koleo = sum(koleo_loss(e) for e in embeddings[:2])
-            objective = loss + koleo_weight * koleo
-    found = collapse_signals(targets, loss) if signals else {}
-    if signals and koleo_weight:
-        found["koleo"] = koleo.detach()
+        teacher_out = run.teacher(crops[:2])  # 2 x (B, K)
+        student_out, features = run.student(crops, return_embeddings=True)  # n_crops x (B, K)
+        targets = run.loss.teacher_probs(teacher_out)  # centred, sharpened: 2 x (B, K), no grad
+        loss = run.loss.cross_entropy(student_out, targets)  # mean H(P_t, P_s) over views s != t
+        objective, extra = run.extras.objective(loss, features)  # the loss itself, without extras
+
+    # -- the student learns: backward, clip each gradient, keep the last layer frozen, AdamW
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(objective).backward()
+    run.extras.backward(objective, run.optimizer)  # objective.backward(), without extras
     if run.cfg.clip_grad > 0:
-        run.scaler.unscale_(run.optimizer)
         clip_gradients(run.student_module, run.cfg.clip_grad)
     if values.freeze_last_layer:
         cancel_gradients(run.student_module.new_head.last_layer.parameters())
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    ema_update(
-        run.teacher, run.student_module, values.momentum
-    )  # teacher <- m teacher + (1 - m) student
+    run.extras.step(run.optimizer)  # run.optimizer.step(), without extras
+
+    # -- the teacher follows the student (EMA), then the center follows the teacher
+    ema_update(run.teacher, run.student_module, values.momentum)  # t <- m t + (1 - m) s
+    run.loss.update_center(teacher_out)  # c <- m c + (1 - m) mean of this batch's teacher logits
+    found = {**collapse_signals(targets, loss), **extra} if signals else {}
     return StepOutput(loss.detach(), found)
+
+
+@dataclass
+class Extras:
+    """What a run adds to the paper's step, at two places: what it descends, and how.
+
+    ``Extras()`` adds nothing. Sinkhorn-Knopp centering, the other addition from DINOv2, lives
+    in the loss (:class:`~dino_nb.loss.DINOLoss`), the collapse signals in ``train_step``'s
+    ``signals``.
+
+    Attributes:
+        koleo_weight: weight of the KoLeo term (DINOv2, Oquab et al. 2023, after Sablayrolles
+            et al. 2019) on the student's two global views; 0 leaves it out.
+        scaler: PyTorch's automatic mixed precision loss scaler, on in fp16 (whose small
+            gradients underflow to zero unscaled); disabled, in every other precision, it
+            passes the loss, the gradients and the optimizer step through unchanged.
+    """
+
+    koleo_weight: float = 0.0
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
+
+    def objective(
+        self, loss: torch.Tensor, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the step descends (the DINO loss, plus the weighted KoLeo), and extra signals.
+
+        Args:
+            loss: the DINO loss of the batch.
+            features: the student's backbone embeddings, ``n_crops`` tensors ``(B, D)``.
+        """
+        if not self.koleo_weight:
+            return loss, {}
+        koleo = sum(koleo_loss(f) for f in features[:2])  # spread each global view over the batch
+        return loss + self.koleo_weight * koleo, {"koleo": koleo.detach()}
+
+    def backward(self, objective: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``objective.backward()``; in fp16 of the scaled objective, then unscaled for clipping."""
+        self.scaler.scale(objective).backward()
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``; in fp16 skipped after an overflow, and the scale adapts."""
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 # ----------------------------------------------------------------------------- building a run
@@ -220,7 +273,10 @@ def build_run(cfg: TrainConfig, info: DistInfo | None = None, steps_per_epoch: i
         # lr and wd are set every step; on CUDA the fused kernel, which also lets an fp16
         # scaler skip a step without reading its inf check back to the host every step
         optimizer=torch.optim.AdamW(param_groups(student), fused=info.device.type == "cuda"),
-        scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
+        extras=Extras(
+            cfg.koleo_weight,
+            torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
+        ),
         amp_dtype=amp_dtype,
         steps_per_epoch=steps_per_epoch,
         schedules=Schedules(cfg, cfg.epochs * steps_per_epoch, global_batch),

@@ -276,3 +276,14 @@ def test_presets_are_not_shared_between_runs():
     a.model_kwargs["depth"] = 99
     assert preset("cpu").model_kwargs["depth"] == 4
     assert preset("cpu-photos").model_kwargs["depth"] == 3
+
+
+def test_describe_preset_lists_a_field_kept_at_the_default_on_purpose():
+    """The cpu preset keeps the paper's blur in pixels: not a change, yet listed with its reason."""
+    assert preset("cpu").blur_sigma == TrainConfig().blur_sigma
+    assert "blur_sigma" not in {c.field for c in preset_changes("cpu")}
+    row = next(
+        line for line in describe_preset("cpu").splitlines() if line.startswith("blur_sigma")
+    )
+    assert row.split()[:6] == ["blur_sigma", "(0.1,", "2)", "->", "(0.1,", "2)"]
+    assert "kept: the paper's blur in pixels" in row

@@ -292,3 +292,57 @@ def test_foreign_folder_in_the_way_is_not_replaced(tmp_path):
                 "320px", tmp_path, url=srv.url("/imagenette2-320.tgz"), md5="0" * 32, progress=False
             )
     assert srv.requests == []
+
+
+# --------------------------------------------------------------------------- a notebook's fetch
+
+
+def _no_search(**kwargs):
+    raise FileNotFoundError("ImageNette not found")
+
+
+def test_fetch_not_allowed_touches_nothing(monkeypatch, tmp_path):
+    """The test profile: no search, no network, one line with the command to run."""
+    monkeypatch.setattr(dl, "find_imagenette", lambda **kw: pytest.fail("searched"))
+    monkeypatch.setattr(dl, "reachable", lambda url: pytest.fail("asked the network"))
+    folder, line = dl.fetch_imagenette("160px", tmp_path, allowed=False)
+    assert folder is None
+    assert line == (
+        "no download here; to get ImageNette yourself: "
+        "`python -m dino_nb.data --download 160px` (about 99 MB)"
+    )
+    assert not os.listdir(tmp_path)
+
+
+def test_fetch_finds_before_it_downloads(monkeypatch, tmp_path):
+    src = make_imagenette_like(tmp_path / "data" / "imagenette2-160")
+    monkeypatch.setattr(dl, "reachable", lambda url: pytest.fail("asked the network"))
+    folder, line = dl.fetch_imagenette("160px", tmp_path / "data")
+    assert folder == src and line == f"ImageNette found in {src}"
+
+
+def test_fetch_without_network_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(dl, "find_imagenette", _no_search)
+    with LoopbackServer({}) as srv:
+        url = srv.url("/imagenette2-160.tgz")
+    # the server is gone: nothing answers at its address
+    folder, line = dl.fetch_imagenette("160px", tmp_path, url=url, md5="0" * 32)
+    assert folder is None
+    assert "does not answer: run `python -m dino_nb.data --download 160px`" in line
+    assert not os.listdir(tmp_path)
+
+
+def test_fetch_downloads_when_missing_and_the_server_answers(monkeypatch, tmp_path):
+    monkeypatch.setattr(dl, "find_imagenette", _no_search)
+    blob = tar_of_folder(make_imagenette_like(tmp_path / "src"), "imagenette2-160")
+    with LoopbackServer({"/imagenette2-160.tgz": blob}) as srv:
+        folder, line = dl.fetch_imagenette(
+            "160px",
+            tmp_path / "data",
+            url=srv.url("/imagenette2-160.tgz"),
+            md5=md5(blob),
+            progress=False,
+        )
+    assert folder == tmp_path / "data" / "imagenette2-160"
+    assert line == f"ImageNette (160px) downloaded to {folder}"
+    assert sorted(p.name for p in (folder / "val").iterdir()) == list(WNIDS)

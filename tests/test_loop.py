@@ -236,14 +236,14 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(
 ) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", save_every=2)
     calls = {"n": 0}
-    original = Loss.forward
+    original = Loss.cross_entropy  # what the step calls once per batch
 
-    def poisoned(self, student_output, teacher_output, targets=None):
+    def poisoned(self, student_output, targets):
         calls["n"] += 1
-        loss = original(self, student_output, teacher_output, targets)
+        loss = original(self, student_output, targets)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(Loss, "forward", poisoned)
+    monkeypatch.setattr(Loss, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*--base-lr.*fp32"):
         train(cfg)
     state = ckpt_io.load(tmp_path / "run" / ckpt_io.LAST)
@@ -256,15 +256,15 @@ def test_sigterm_saves_checkpoint_and_returns(
 ) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run")
     calls = {"n": 0}
-    original = Loss.forward
+    original = Loss.cross_entropy  # what the step calls once per batch
 
-    def kill_at_step_3(self, student_output, teacher_output, targets=None):
+    def kill_at_step_3(self, student_output, targets):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # what Kaggle and Colab send
-        return original(self, student_output, teacher_output, targets)
+        return original(self, student_output, targets)
 
-    monkeypatch.setattr(Loss, "forward", kill_at_step_3)
+    monkeypatch.setattr(Loss, "cross_entropy", kill_at_step_3)
     result = train(cfg)
     assert result.interrupted and result.steps == 3
     assert ckpt_io.load(result.checkpoint)["step"] == 3

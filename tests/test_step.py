@@ -1,10 +1,12 @@
-"""Oracle tests for the per-iteration schedules (official DINO ``cosine_scheduler`` semantics)."""
+"""Oracle tests for the step: the schedules (official ``cosine_scheduler`` semantics), clipping,
+EMA, and the step itself against the paper's Algorithm 1."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dino_nb.model import Head, MultiCropWrapper, build_backbone
@@ -277,3 +279,187 @@ def test_cancel_gradients():
     m = model_with_grads([1.0, 2.0])
     cancel_gradients(m.parameters())
     assert all(p.grad is None for p in m)
+
+
+# ----------------------------------------------------------------------------- the step itself
+
+#: A run small enough for a unit test: one block, 64 prototypes, 2 global + 2 local crops.
+STEP_RUN = dict(
+    model="vit_tiny_patch16_224",
+    model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2},
+    global_size=32,
+    local_size=16,
+    n_local_crops=2,
+    batch_size=8,
+    out_dim=64,
+    hidden_dim=32,
+    bottleneck_dim=16,
+    drop_path_rate=0.1,  # the student draws drop-path masks: both runs must draw them alike
+    clip_grad=0.05,  # small enough that some gradients are clipped
+    minutes=None,
+)
+
+
+def _step_run(**overrides):
+    from dino_nb.distributed import DistInfo
+    from dino_nb.step import build_run
+    from dino_nb.tools.presets import preset
+
+    cfg = preset("cpu", **{**STEP_RUN, **overrides})
+    return build_run(cfg, DistInfo(0, 1, 0, torch.device("cpu")), steps_per_epoch=5)
+
+
+def _batches(n_steps: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+        + [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+        for _ in range(n_steps)
+    ]
+
+
+def _values(step: int):
+    """Made-up values that all matter: lr > 0, a visible EMA, the last layer frozen at step 0."""
+    from dino_nb.step import StepValues
+
+    return StepValues(
+        lr=1e-3,
+        weight_decay=0.04 + 0.1 * step,
+        momentum=0.9,
+        teacher_temp=0.04 + 0.01 * step,
+        freeze_last_layer=step == 0,
+    )
+
+
+def paper_step(run, crops, values, mistake: str = "") -> tuple[torch.Tensor, bool]:
+    """Algorithm 1 of the paper, written again from its pseudo-code with plain torch.
+
+    ``mistake`` makes it wrong on purpose (``"center first"``, ``"ema first"``,
+    ``"same view"``), so that the test shows it would notice. Returns the loss and whether
+    a gradient was clipped.
+    """
+    student, teacher, opt, center = run.student_module, run.teacher, run.optimizer, run.loss.center
+    cfg = run.cfg
+    opt.param_groups[0].update(lr=values.lr, weight_decay=values.weight_decay)
+    opt.param_groups[1].update(lr=values.lr, weight_decay=0.0)  # biases and norms: no decay
+    t_out = teacher(crops[:2])  # the teacher sees the 2 global views
+    s_out = student(crops)  # the student every view
+
+    def update_center():  # C <- m C + (1 - m) mean over the batch of the teacher's logits
+        with torch.no_grad():
+            center.copy_(
+                cfg.center_momentum * center
+                + (1 - cfg.center_momentum) * torch.cat(t_out).detach().mean(dim=0, keepdim=True)
+            )
+
+    if mistake == "center first":
+        update_center()
+    p_t = [F.softmax((t.detach() - center) / values.teacher_temp, dim=-1) for t in t_out]
+    log_p_s = [F.log_softmax(s / cfg.student_temp, dim=-1) for s in s_out]
+    pairs = [
+        (i, j) for i in range(2) for j in range(len(crops)) if i != j or mistake == "same view"
+    ]
+    loss = sum((-p_t[i] * log_p_s[j]).sum(dim=-1).mean() for i, j in pairs) / len(pairs)
+    opt.zero_grad()
+    loss.backward()
+    clipped = False
+    for p in student.parameters():  # each gradient on its own, as the official clip_gradients
+        if p.grad is not None:
+            coef = cfg.clip_grad / (p.grad.norm(2) + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+                clipped = True
+    if values.freeze_last_layer:
+        for p in student.new_head.last_layer.parameters():
+            p.grad = None
+
+    def ema():  # teacher <- m teacher + (1 - m) student; lerp is t + (1 - m)(s - t)
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                t.lerp_(s, 1 - values.momentum)
+
+    if mistake == "ema first":
+        ema()
+    opt.step()
+    if mistake != "ema first":
+        ema()
+    if mistake != "center first":
+        update_center()
+    return loss.detach(), clipped
+
+
+def _state(run) -> dict[str, torch.Tensor]:
+    return {
+        **{f"student.{k}": v for k, v in run.student_module.state_dict().items()},
+        **{f"teacher.{k}": v for k, v in run.teacher.state_dict().items()},
+        "center": run.loss.center,
+    }
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_step_is_the_papers_step_bit_for_bit():
+    """train_step without extras == Algorithm 1 written from the paper: weights, center, loss."""
+    from dino_nb.step import train_step
+
+    batches = _batches(3)
+    shipped = _step_run()
+    assert shipped.extras.koleo_weight == 0 and not shipped.scaler.is_enabled()
+    losses = [train_step(shipped, c, _values(i)).loss for i, c in enumerate(batches)]
+    paper = _step_run()
+    by_hand = [paper_step(paper, c, _values(i)) for i, c in enumerate(batches)]
+    assert all(clipped for _, clipped in by_hand)  # the clipping was exercised
+    assert _same(_state(shipped), _state(paper))
+    assert [loss.item() for loss in losses] == [loss.item() for loss, _ in by_hand]
+    fresh = _step_run()
+    assert not torch.equal(fresh.loss.center, shipped.loss.center)  # the center moved
+    assert not _same(_state(fresh), _state(shipped))
+
+
+@pytest.mark.parametrize("mistake", ["center first", "ema first", "same view"])
+def test_the_papers_step_notices_a_step_in_the_wrong_order(mistake):
+    """The reference above would catch train_step doing any of these."""
+    from dino_nb.step import train_step
+
+    batches = _batches(2)
+    shipped = _step_run()
+    for i, crops in enumerate(batches):
+        train_step(shipped, crops, _values(i))
+    wrong = _step_run()
+    for i, crops in enumerate(batches):
+        paper_step(wrong, crops, _values(i), mistake)
+    assert not _same(_state(shipped), _state(wrong))
+
+
+def test_the_loss_scaler_only_scales():
+    """An enabled loss scaler (the fp16 piece), here in fp32: its powers of two cancel exactly.
+
+    It would not if the gradients were clipped before they are unscaled.
+    """
+    from dino_nb.step import train_step
+
+    batches = _batches(2)
+    plain, scaled = _step_run(), _step_run()
+    scaled.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+    for i, crops in enumerate(batches):
+        train_step(plain, crops, _values(i))
+        train_step(scaled, crops, _values(i))
+    assert scaled.scaler.get_scale() == 2.0**10  # no overflow, so no skipped step
+    assert _same(_state(plain), _state(scaled))
+
+
+def test_koleo_is_a_piece_of_the_objective():
+    """Extras.objective: the loss alone without KoLeo; with it, loss + w * KoLeo of the 2 global views."""
+    from dino_nb.loss import koleo_loss
+    from dino_nb.step import Extras
+
+    loss = torch.tensor(2.0)
+    features = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    objective, extra = Extras().objective(loss, features)
+    assert objective is loss and extra == {}
+    objective, extra = Extras(koleo_weight=0.5).objective(loss, features)
+    koleo = koleo_loss(features[0]) + koleo_loss(features[1])
+    assert torch.equal(extra["koleo"], koleo)
+    assert torch.equal(objective, loss + 0.5 * koleo)

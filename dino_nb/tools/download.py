@@ -38,6 +38,9 @@ from typing import Literal
 from urllib.parse import urlparse
 from zlib import error as zlib_error
 
+from ..sources import default_data_dir, default_search_roots, find_imagenette
+from .pretrained import reachable
+
 Size = Literal["320px", "160px", "full"]
 SIZES: tuple[str, ...] = ("320px", "160px", "full")
 
@@ -390,3 +393,50 @@ def download_imagenette(
     if not keep_archive:
         archive.unlink()
     return final
+
+
+def fetch_imagenette(
+    size: Size = "160px",
+    root: str | os.PathLike | None = None,
+    *,
+    allowed: bool = True,
+    url: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+) -> tuple[Path | None, str]:
+    """ImageNette for a notebook: found where it is, else downloaded if allowed and the server answers.
+
+    A missing network is not an error here: the folder is then ``None`` and the line says
+    how to get the dataset by hand.
+
+    Args:
+        size: the release to download (``"160px"``: fastai's, shortest side 160, about 99 MB).
+        root: where to download to; default :func:`~dino_nb.sources.default_data_dir`.
+        allowed: ``False`` never touches the disk's datasets nor the network (a test
+            profile's output must not depend on the machine): only the line is returned.
+        url: where to fetch the archive from (a mirror, a test's server); default torchvision's.
+        md5: the archive's md5 when ``url`` is a mirror of another file.
+        progress: show a progress bar while downloading.
+
+    Returns:
+        ``(folder or None, one line saying what happened or what to do)``.
+    """
+    command = f"python -m dino_nb.data --download {size}"
+    by_hand = f"`{command}` (about {APPROX_BYTES[size] / 1e6:.0f} MB)"
+    if not allowed:
+        return None, f"no download here; to get ImageNette yourself: {by_hand}"
+    root = default_data_dir() if root is None else Path(root)
+    try:
+        found = find_imagenette(search_roots=[root, *default_search_roots()])
+        return found, f"ImageNette found in {found}"
+    except FileNotFoundError:
+        pass
+    url = url or torchvision_archives()[size][0]
+    if not reachable(url):
+        return None, (
+            f"ImageNette is not here and {urlparse(url).netloc} does not answer: run {by_hand} "
+            "where there is a network, then set $DINO_NB_DATA to the folder that holds it "
+            "(on Kaggle: attach an ImageNette dataset)"
+        )
+    folder = download_imagenette(size, root, url=url, md5=md5, progress=progress)
+    return folder, f"ImageNette ({size}) downloaded to {folder}"
