@@ -193,7 +193,7 @@ def neighbours_side_by_side(
     groups = len(neighbours)
     # the query, then k columns per network, a narrow gap before each network
     widths = [1.0] + ([0.25] + [1.0] * k) * groups
-    fig = new_figure((sum(widths) + 0.2, 1.3 * n_query + 0.35))
+    fig = new_figure((sum(widths) + 0.2, 1.3 * n_query + 0.55))
     axes = fig.subplots(n_query, len(widths), squeeze=False, gridspec_kw={"width_ratios": widths})
     for r in range(n_query):
         query_class = int(query_labels[r])
@@ -208,7 +208,7 @@ def neighbours_side_by_side(
                 ax.set_title(class_names[label], fontsize=7, color=color)
     for ax in axes.flat:
         ax.axis("off")
-    top = 1 - 0.3 / fig.get_figheight()
+    top = 1 - 0.5 / fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.3)
     for g, name in enumerate(neighbours):  # a header over each network's columns
         left = axes[0, 2 + g * (k + 1)].get_position().x0
