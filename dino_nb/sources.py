@@ -10,11 +10,12 @@ The built-in dataset: ten classes of generated shapes and textures, no download 
 Each class is defined by shape, texture or layout, never by colour: every image takes its
 object and background colours from the same four palettes (with a little jitter), in a
 random pose, size and phase. Colour therefore carries almost no information about the
-image, which matters for DINO: self-distillation learns whatever the views of one image
+class, which matters for DINO: self-distillation learns whatever the views of one image
 share, and when each image had colours of its own (version 1 of this dataset), a short
 run learned to group images by colour and the kNN accuracy did not move. With shared
-palettes the views share their shape and little else, and a short CPU run shows kNN
-accuracy rising, which is the point of the main job.
+palettes the features still group images by palette (notebook 05's maps), but inside a
+palette only shape and texture tell the classes apart, and a short CPU run shows kNN
+accuracy rising.
 
 Images are generated deterministically from a seed and written once in ``ImageFolder``
 layout (``<root>/{train,val}/<class>/<index>.png``); a marker file says the folder is

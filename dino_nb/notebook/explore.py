@@ -189,7 +189,7 @@ def runs_dir(name: str) -> Path:
 def training_config(profile: Profile, out: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """The notebooks' training configuration for a profile.
 
-    * ``ci``: the whole ``cpu`` recipe (372 steps, about 90 s on an idle 2-core machine) with a
+    * ``ci``: the whole ``cpu`` recipe (372 steps, a few minutes on a 2-core CPU) with a
       fixed step count instead of the preset's time budget, evaluated every
       :data:`CI_EVAL_EVERY` steps: long enough to learn, and its printed numbers repeat exactly.
     * ``cpu`` and ``gpu``: the rule of ``--preset auto`` with the notebooks' variants

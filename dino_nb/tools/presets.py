@@ -57,9 +57,7 @@ _DEFAULTS = Preset(
 #: Where it departs from the paper, it is mostly because 372 steps are not 300 epochs.
 _CPU = _DEFAULTS.changed(
     "the notebooks' recipe: a 4-block ViT on the 48-pixel built-in shapes for a fixed 372 "
-    "steps, no time budget: kNN 41.5% -> 60.5% with the same numbers on every machine (squeezed "
-    "into 1.75 minutes, 198 steps on a slower CPU, it ended in the early dip of its kNN curve: "
-    "39%)",
+    "steps, no time budget: kNN 41.5% -> 60.5% with the same numbers on every machine",
     ({"data": "builtin"}, "the built-in shapes of 10 classes: generated on first use, no download"),
     (
         {"model": "vit_tiny_patch16_224", "global_size": 48, "local_size": 24},
